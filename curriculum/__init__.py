@@ -1,0 +1,1 @@
+"""Seed knowledge graph, neighbourhoods, frontier, curiosity and traversal samplers (issues 3-4)."""

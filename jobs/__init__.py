@@ -1,0 +1,1 @@
+"""Celery app, thin idempotent tasks and the job ledger (issue 5)."""

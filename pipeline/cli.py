@@ -1,0 +1,231 @@
+"""The `nucleus` command line: a thin table from command names to stage functions.
+
+Exit codes: 0 ok, 2 bad input (a message, no traceback), 1 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pipeline import index as index_stage
+from pipeline import retrieve as retrieve_stage
+from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
+from pipeline.errors import UserError
+from pipeline.workspace import Workspace
+
+# Command name -> stage function `run(cfg, ws, ...) -> Result`. tests/pipeline/test_cli.py keeps
+# this table, the typer commands and the stage modules in sync.
+STAGES: dict[str, Callable[..., Any]] = {
+    "index": index_stage.run,
+    "retrieve": retrieve_stage.run,
+}
+# Commands whose stage is not built yet -> the issue that builds it.
+NOT_BUILT: dict[str, int] = {"nucleate": 3, "train": 3, "explore": 4, "run": 4, "report": 4,
+                             "worker": 5, "adapters": 6}
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Nucleus: knowledge-nucleated, curiosity-driven curriculum training.")
+config_app = typer.Typer(no_args_is_help=True, help="Show, validate or describe configurations.")
+app.add_typer(config_app, name="config")
+
+RunDir = Annotated[Path, typer.Option("--run-dir", "-r", help="Run directory (all state lives here).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override a config key: --set graph.k=8 (value parsed as YAML). Repeatable.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage; accept config changes.")]
+
+log = logging.getLogger("nucleus")
+
+
+def _emit(obj: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False) if as_json else human(obj))
+
+
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    """Map exceptions to exit codes: UserError -> 2 with its message, anything else -> 1."""
+    try:
+        yield
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume.", err=True)
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception:
+        traceback.print_exc()
+        typer.echo("internal error (a bug in Nucleus): please report it with the traceback above.",
+                   err=True)
+        raise typer.Exit(1) from None
+
+
+def _resolve(ws: Workspace | None, config: Path | None, sets: list[str] | None) -> NucleusConfig:
+    stored = ws.stored_config() if ws is not None else None
+    return resolve_config(stored, config, sets)
+
+
+@contextlib.contextmanager
+def _stage(command: str, run_dir: Path, config: Path | None, sets: list[str] | None,
+           force: bool) -> Iterator[tuple[NucleusConfig, Workspace]]:
+    """A command that writes to the run directory: resolve config, check staleness, log it."""
+    ws = Workspace(run_dir)
+    cfg = _resolve(ws, config, sets)
+    ws.begin_command(cfg, command, force)
+    try:
+        yield cfg, ws
+    except BaseException:
+        ws.end_command("failed")
+        raise
+    ws.end_command("ok")
+
+
+def _reader(command: str, run_dir: Path, config: Path | None,
+            sets: list[str] | None) -> tuple[NucleusConfig, Workspace]:
+    """A command that only reads a finished run: it must exist and its config must match."""
+    ws = Workspace(run_dir)
+    if not ws.exists():
+        raise UserError(f"--run-dir '{run_dir}' is not a Nucleus run directory (no meta.json). "
+                        f"Create one with `nucleus index --run-dir {run_dir}`.")
+    cfg = _resolve(ws, config, sets)
+    stale = ws.stale_stages(cfg)
+    if stale:
+        changes = "; ".join(f"`{s}` (changed: {', '.join(c)})" for s, c in stale.items())
+        raise UserError(f"`{command}` cannot use stage {changes} of '{ws.root}' with a changed "
+                        f"config. Drop the change or redo the stage with --force.")
+    return cfg, ws
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _index_human(r: dict) -> str:
+    steps = ", ".join(r["steps_run"]) or "nothing (all artifacts up to date)"
+    return (f"indexed {r['documents']} documents -> {r['passages']} passages "
+            f"({r['heldout']} held out), {r['topics']} topics, {r['graph_edges']} graph edges; "
+            f"{r['factory']} index, dim {r['dim']}.\nran: {steps} in {r['seconds']} s\n"
+            f"run directory: {r['run_dir']}")
+
+
+def _topics_human(topics: list[dict]) -> str:
+    return "\n".join(f"{t['id']:>4}  size {t['size']:>5}  [{', '.join(t['keywords'])}]"
+                     f"  neighbours {t['neighbors']}" for t in topics)
+
+
+@app.command()
+def index(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False,
+          force: ForceOpt = False,
+          topics: Annotated[bool, typer.Option("--topics", help="List the topics of a built index.")] = False):
+    """Chunk, embed and index the corpus; cluster it into topics joined in a topic graph."""
+    with _guard():
+        if topics:
+            _, ws = _reader("index --topics", run_dir, config, set_)
+            _emit(index_stage.list_topics(ws), json_, _topics_human)
+            return
+        with _stage("index", run_dir, config, set_, force) as (cfg, ws):
+            result = STAGES["index"](cfg, ws, force=force)
+        _emit(result.to_json(), json_, _index_human)
+
+
+def _hits_human(hits: list[dict]) -> str:
+    if not hits:
+        return "no passages found."
+    lines = []
+    for rank, h in enumerate(hits, 1):
+        text = " ".join(h["text"].split())
+        lines.append(f"{rank:>2}. [{h['score']:.3f}] {h['title']}  (passage {h['passage_id']}, "
+                     f"topic {h['topic_id']}: {h['topic_label']})\n    {text[:240]}")
+    return "\n".join(lines)
+
+
+@app.command()
+def retrieve(query: Annotated[str, typer.Argument(help="Text to search for.")], run_dir: RunDir,
+             k: Annotated[Optional[int], typer.Option("-k", help="Passages to return.")] = None,
+             topic: Annotated[Optional[int], typer.Option("--topic", help="Search one topic only.")] = None,
+             config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """Ranked passages for a query."""
+    with _guard():
+        cfg, ws = _reader("retrieve", run_dir, config, set_)
+        result = STAGES["retrieve"](cfg, ws, query, k=k, topic=topic)
+        _emit(result.to_json(), json_, _hits_human)
+
+
+def _not_built(name: str) -> None:
+    issue = NOT_BUILT[name]
+
+    def command(ctx: typer.Context) -> None:
+        typer.echo(f"error: `nucleus {name}` is not built yet (it lands with issue #{issue}).", err=True)
+        raise typer.Exit(2)
+
+    command.__doc__ = f"(not built yet: issue #{issue})"
+    app.command(name, context_settings={"allow_extra_args": True,
+                                        "ignore_unknown_options": True})(command)
+
+
+for _name in NOT_BUILT:
+    _not_built(_name)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@config_app.command("show")
+def config_show(run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r")] = None,
+                config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """Print the resolved config (defaults < run dir < --config < --set)."""
+    with _guard():
+        ws = Workspace(run_dir) if run_dir else None
+        cfg = _resolve(ws, config, set_)
+        typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2) if json_ else to_yaml(cfg), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to check.")],
+                    set_: SetOpt = None, json_: JsonOpt = False):
+    """Check a config file without loading any model; exit 2 listing every problem."""
+    with _guard():
+        cfg = resolve_config(None, file, set_) if set_ else load_config_file(file)
+        _emit({"file": str(file), "valid": True, "config": cfg.model_dump(mode="json")}, json_,
+              lambda r: f"ok: '{r['file']}' is a valid Nucleus config.")
+
+
+@config_app.command("schema")
+def config_schema():
+    """Print the JSON schema of the config (every key with its type, default and docs)."""
+    typer.echo(json.dumps(NucleusConfig.model_json_schema(), indent=2))
+
+
+def main() -> None:
+    # Offline by design: nothing is fetched from a hub at run time (README, DESIGN.md).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library progress bars (weight loading, dataset saving) are noise here; Nucleus shows its own.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("sentence_transformers", "transformers", "datasets", "httpx", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    app()
+
+
+if __name__ == "__main__":
+    main()

