@@ -7,6 +7,7 @@ depends on, so a killed run resumes at the first step (or embedding shard) not y
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.workspace import Workspace, atomic_path, atomic_write_json, read_j
 from retrieval import ann
 from retrieval.chunking import chunk_documents, embedding_text
 from retrieval.corpus import CorpusSpec, load_documents
-from retrieval.embed import Embedder
+from retrieval.embed import Embedder, embed_in_shards
 from retrieval.graph import TopicGraph
 from retrieval.topics import auto_num_topics, ctfidf_keywords, heldout_mask, spherical_kmeans
 
@@ -140,33 +141,18 @@ def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force:
         with atomic_path(shard_dir) as tmp:
             tmp.mkdir()
             atomic_write_json(tmp / "shards.json", state)
-    n, size = len(corpus), cfg.embed.shard_size
-    n_shards = (n + size - 1) // size
-    done = {i for i in range(n_shards) if (shard_dir / f"{i:05d}.npy").is_file()}
-    bar = tqdm(total=n, initial=sum(min(size, n - i * size) for i in done), desc="embed",
-               unit="passage", disable=None)
-    t0, embedded = time.perf_counter(), 0
-    for i in range(n_shards):
-        if i in done:
-            continue
-        rows = corpus[i * size:(i + 1) * size]
-        vecs = embedder.encode([embedding_text(t, x) for t, x in zip(rows["title"], rows["text"])])
-        with atomic_path(shard_dir / f"{i:05d}.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, vecs)
-        bar.update(len(vecs))
-        embedded += len(vecs)
-    bar.close()
-    if embedded:
-        dt = time.perf_counter() - t0
-        log.info("embed: %d passages in %.1f s (%.1f passages/s)", embedded, dt, embedded / dt)
-    vectors = np.concatenate([np.load(shard_dir / f"{i:05d}.npy") for i in range(n_shards)])
+    texts = [embedding_text(t, x) for t, x in zip(corpus["title"], corpus["text"])]
+    t0 = time.perf_counter()
+    vectors = embed_in_shards(embedder, texts, shard_dir, cfg.embed.shard_size)
+    log.info("embed: %d passages in %.1f s (%.1f passages/s, including shards already there)",
+             len(vectors), time.perf_counter() - t0, len(vectors) / (time.perf_counter() - t0))
     with atomic_path(ws.index_dir / "embeddings.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, vectors)
     atomic_write_json(ws.index_dir / "embeddings.json",
                       _provenance(cfg, "embed", count=len(vectors), dim=int(vectors.shape[1]),
                                   dtype=str(vectors.dtype), model=cfg.embed.model))
+    shutil.rmtree(shard_dir, ignore_errors=True)  # only needed to resume; embeddings.npy has it all
 
 
 def _build_ann(cfg: NucleusConfig, ws: Workspace, vectors: np.ndarray, embedder: Embedder) -> None:

@@ -82,3 +82,29 @@ def model_fingerprint(path: str) -> str:
     """A short description of which weights were used, for index.json provenance."""
     p = Path(path)
     return str(p.name if p.exists() else path)
+
+
+def embed_in_shards(embedder: Embedder, texts: list[str], shard_dir: Path, shard_size: int,
+                    progress: bool = True) -> np.ndarray:
+    """Embed `texts` shard by shard into `shard_dir/NNNNN.npy`; shards already there are kept.
+
+    This is what makes a killed `index` resume where it stopped. Returns (len(texts), dim).
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.workspace import atomic_path
+
+    n = len(texts)
+    n_shards = (n + shard_size - 1) // shard_size
+    done = {i for i in range(n_shards) if (shard_dir / f"{i:05d}.npy").is_file()}
+    bar = tqdm(total=n, initial=sum(min(shard_size, n - i * shard_size) for i in done),
+               desc="embed", unit="passage", disable=None if progress else True)
+    for i in range(n_shards):
+        if i in done:
+            continue
+        vecs = embedder.encode(texts[i * shard_size:(i + 1) * shard_size])
+        with atomic_path(shard_dir / f"{i:05d}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, vecs)
+        bar.update(len(vecs))
+    bar.close()
+    return np.concatenate([np.load(shard_dir / f"{i:05d}.npy") for i in range(n_shards)])

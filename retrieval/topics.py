@@ -35,7 +35,7 @@ def spherical_kmeans(vectors: np.ndarray, k: int, niter: int = 25,
     n, dim = vectors.shape
     k = min(k, n)
     km = faiss.Kmeans(dim, k, niter=niter, spherical=True, seed=seed, verbose=False,
-                      max_points_per_centroid=256)
+                      max_points_per_centroid=256, min_points_per_centroid=1)
     km.train(vectors)
     _, assign = km.index.search(vectors, 1)
     assign = assign[:, 0]
