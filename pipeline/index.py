@@ -24,7 +24,7 @@ from pipeline.workspace import Workspace, atomic_path, atomic_write_json, read_j
 from retrieval import ann
 from retrieval.chunking import chunk_documents, embedding_text
 from retrieval.corpus import CorpusSpec, load_documents
-from retrieval.embed import Embedder, embed_in_shards
+from retrieval.embed import Embedder, embed_in_shards, get_embedder, resolve_model_path
 from retrieval.graph import TopicGraph
 from retrieval.topics import auto_num_topics, ctfidf_keywords, heldout_mask, spherical_kmeans
 
@@ -62,26 +62,23 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> IndexResult:
     """Build (or resume, or skip) every artifact of the index stage."""
     t0 = time.perf_counter()
     steps_run: list[str] = []
-    if force:
-        ws.forget("index")
-    embedder = None
 
-    def get_embedder() -> Embedder:
-        nonlocal embedder
-        if embedder is None:
-            embedder = Embedder(cfg.embed.model, cfg.embed.device, cfg.embed.dtype, cfg.embed.batch_size)
-        return embedder
+    def embedder() -> Embedder:  # loaded only when a step needs it (a full skip loads nothing)
+        return get_embedder(cfg.embed.model, cfg.embed.device, cfg.embed.dtype, cfg.embed.batch_size)
 
     if force or not _step_done(ws.corpus_dir / "provenance.json", cfg, "corpus"):
-        _chunk_corpus(cfg, ws, get_embedder())
+        # Read and check the corpus before touching anything: bad input must lose nothing.
+        docs, passages = _read_passages(cfg, ws, embedder())
+        ws.forget("index")
+        _write_corpus(cfg, ws, docs, passages)
         steps_run.append("corpus")
     corpus = _load_corpus(ws)
     if force or not _step_done(ws.index_dir / "embeddings.json", cfg, "embed"):
-        _embed(cfg, ws, corpus, get_embedder(), force)
+        _embed(cfg, ws, corpus, embedder(), force)
         steps_run.append("embed")
     vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
     if force or not _step_done(ws.index_dir / "index.json", cfg, "ann"):
-        _build_ann(cfg, ws, np.asarray(vectors, dtype=np.float32), get_embedder())
+        _build_ann(cfg, ws, np.asarray(vectors, dtype=np.float32))
         steps_run.append("ann")
     if force or not _step_done(ws.topics_dir / "topics.json", cfg, "topics"):
         _cluster(cfg, ws, corpus, np.asarray(vectors, dtype=np.float32))
@@ -91,7 +88,8 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> IndexResult:
         steps_run.append("graph")
 
     result = _summary(ws, steps_run, time.perf_counter() - t0)
-    ws.mark_complete("index", cfg, SECTIONS, {"passages": result.passages, "topics": result.topics})
+    if steps_run or not ws.is_complete("index"):  # a full skip must not invalidate later stages
+        ws.mark_complete("index", cfg, SECTIONS, {"passages": result.passages, "topics": result.topics})
     return result
 
 
@@ -111,19 +109,23 @@ def _provenance(cfg: NucleusConfig, step: str, **extra) -> dict:
     return {"config_hash": section_hash(cfg, STEP_SECTIONS[step]), "version": __version__, **extra}
 
 
-def _chunk_corpus(cfg: NucleusConfig, ws: Workspace, embedder: Embedder) -> None:
+def _read_passages(cfg: NucleusConfig, ws: Workspace, embedder: Embedder) -> tuple[int, list[dict]]:
     spec = CorpusSpec(**cfg.corpus.model_dump())
     docs = load_documents(spec, cache_dir=ws.cache_dir / "datasets")
     passages = list(chunk_documents(tqdm(docs, desc="chunk", unit="doc", disable=None),
                                     embedder.tokenizer, cfg.chunk.max_tokens, cfg.chunk.min_tokens))
+    log.info("corpus: %d documents -> %d passages", len(docs), len(passages))
+    return len(docs), passages
+
+
+def _write_corpus(cfg: NucleusConfig, ws: Workspace, n_docs: int, passages: list[dict]) -> None:
     import datasets
 
     ds = datasets.Dataset.from_list(passages).add_column("split", ["unassigned"] * len(passages))
     with atomic_path(ws.corpus_dir) as tmp:
         ds.save_to_disk(str(tmp))
         atomic_write_json(tmp / "provenance.json",
-                          _provenance(cfg, "corpus", documents=len(docs), passages=len(passages)))
-    log.info("corpus: %d documents -> %d passages", len(docs), len(passages))
+                          _provenance(cfg, "corpus", documents=n_docs, passages=len(passages)))
 
 
 def _load_corpus(ws: Workspace):
@@ -155,14 +157,14 @@ def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force:
     shutil.rmtree(shard_dir, ignore_errors=True)  # only needed to resume; embeddings.npy has it all
 
 
-def _build_ann(cfg: NucleusConfig, ws: Workspace, vectors: np.ndarray, embedder: Embedder) -> None:
+def _build_ann(cfg: NucleusConfig, ws: Workspace, vectors: np.ndarray) -> None:
     factory = ann.choose_factory(len(vectors), cfg.index.factory, cfg.index.flat_max)
     t0 = time.perf_counter()
     index = ann.build_index(vectors, factory, cfg.seed)
     with atomic_path(ws.index_dir / "faiss.index") as tmp:
         ann.save_index(index, tmp)
     atomic_write_json(ws.index_dir / "index.json", _provenance(
-        cfg, "ann", model=cfg.embed.model, model_path=embedder.path, dim=int(vectors.shape[1]),
+        cfg, "ann", model=cfg.embed.model, model_path=resolve_model_path(cfg.embed.model), dim=int(vectors.shape[1]),
         factory=factory, count=int(index.ntotal), metric="inner_product",
         build_seconds=round(time.perf_counter() - t0, 3)))
     log.info("index: %s over %d vectors", factory, index.ntotal)

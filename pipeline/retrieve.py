@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.config import NucleusConfig
 from pipeline.errors import UserError
 from pipeline.workspace import Workspace, read_json
-from retrieval.embed import Embedder
+from retrieval.embed import get_embedder
 from retrieval.search import Retriever
 
 
@@ -23,7 +23,7 @@ class RetrieveResult:
 def open_retriever(cfg: NucleusConfig, ws: Workspace) -> Retriever:
     """A Retriever over the run's index, with the embedder the index was built with."""
     ws.require("index", "retrieve")
-    embedder = Embedder(cfg.embed.model, cfg.embed.device, cfg.embed.dtype, cfg.embed.batch_size)
+    embedder = get_embedder(cfg.embed.model, cfg.embed.device, cfg.embed.dtype, cfg.embed.batch_size)
     return Retriever(ws.index_dir, ws.topics_dir, ws.corpus_dir, embedder, mmap=cfg.index.mmap,
                      nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,12 @@ class Embedder:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
-def model_fingerprint(path: str) -> str:
-    """A short description of which weights were used, for index.json provenance."""
-    p = Path(path)
-    return str(p.name if p.exists() else path)
+@functools.lru_cache(maxsize=2)
+def get_embedder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 64) -> Embedder:
+    """A shared Embedder per settings: loading weights costs seconds, so long-lived processes
+    (workers, tests, `nucleus run`) load each model once."""
+    return Embedder(model, device, dtype, batch_size)
 
 
 def embed_in_shards(embedder: Embedder, texts: list[str], shard_dir: Path, shard_size: int,

