@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _wikitext import SPLITTER, resolve_split, wikitext_documents  # also puts the repo on sys.path
+from _wikitext import DEFAULT_DATA_DIR, SPLITTER, resolve_split, wikitext_documents  # also puts the repo on sys.path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-tokens", type=int, default=24)
     p.add_argument("--data", nargs="+", default=["train"],
                    help="WikiText files: train/valid/test or paths (articles taken in order)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="where train/valid/test.txt are")
     p.add_argument("--warmup-passages", type=int, default=None,
                    help="passages per warm-up run of each side (default: min(passages, 8 x batch))")
     p.add_argument("--tmp-dir", default=None, help="where the shard directories go (default: system tmp)")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     bare.to(dtype)
     bare.eval()
 
-    files = [resolve_split(f) for f in args.data]
+    files = [resolve_split(f, args.data_dir) for f in args.data]
     t0 = time.perf_counter()
     texts, mean_tokens = make_passages(files, embedder.tokenizer, args.passages, args.max_tokens,
                                        args.min_tokens)

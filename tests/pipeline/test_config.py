@@ -92,3 +92,18 @@ def test_section_hash_changes_only_with_its_section():
     a, b = NucleusConfig(), resolve_config(None, None, ["graph.k=9"])
     assert section_hash(a, ("corpus",)) == section_hash(b, ("corpus",))
     assert section_hash(a, ("graph",)) != section_hash(b, ("graph",))
+
+
+def test_readme_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, NucleusConfig.__mro__[1]):
+                yield from keys(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [k for k in keys(NucleusConfig) if f"`{k}`" not in readme]
+    assert missing == [], "README's configuration reference is out of date"
