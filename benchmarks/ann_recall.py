@@ -120,7 +120,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     b_ids = torch.from_numpy(np.flatnonzero(base_mask)).to(dev)
     overlap = {name: round(_topk_overlap(orig_t[b_ids], orig_t[ids], deq_t[b_ids], deq_t[ids], 10, torch), 5)
                for name, ids in q_ids.items()}
-    cos = np.sum(vecs * deq, axis=1)  # both unit length
+    # fp16 models return vectors of unit length only to ~1e-3: normalise before the cosine.
+    cos = np.sum(vecs * deq, axis=1) / np.linalg.norm(vecs, axis=1)
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows_per_part = PART_BYTES // codes.shape[1]

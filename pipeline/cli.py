@@ -18,7 +18,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pipeline import index as index_stage
+from pipeline import nucleate as nucleate_stage
 from pipeline import retrieve as retrieve_stage
+from pipeline import train as train_stage
 from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
 from pipeline.errors import UserError
 from pipeline.workspace import Workspace
@@ -27,10 +29,12 @@ from pipeline.workspace import Workspace
 # this table, the typer commands and the stage modules in sync.
 STAGES: dict[str, Callable[..., Any]] = {
     "index": index_stage.run,
+    "nucleate": nucleate_stage.run,
+    "train": train_stage.run,
     "retrieve": retrieve_stage.run,
 }
 # Commands whose stage is not built yet -> the issue that builds it.
-NOT_BUILT: dict[str, int] = {"nucleate": 3, "train": 3, "explore": 4, "run": 4, "report": 4,
+NOT_BUILT: dict[str, int] = {"explore": 4, "run": 4, "report": 4,
                              "worker": 5, "adapters": 6}
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -137,6 +141,63 @@ def index(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_
         with _stage("index", run_dir, config, set_, force) as (cfg, ws):
             result = STAGES["index"](cfg, ws, force=force)
         _emit(result.to_json(), json_, _index_human)
+
+
+def _nucleate_human(r: dict) -> str:
+    lines = [f"nucleus ({r['method']}): topics {r['nucleus_topics']}" + (" (already done)" if r["skipped"] else "")]
+    lines += [f"  concept {c}: topics {t}" for c, t in r["concepts"].items()]
+    if r["unmapped"]:
+        lines.append(f"  warning: concepts mapped to no topic: {', '.join(r['unmapped'])}")
+    if r["knowledge_edges"]:
+        lines.append(f"  {r['knowledge_edges']} knowledge edges added to the topic graph")
+    return "\n".join(lines)
+
+
+@app.command()
+def nucleate(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False,
+             force: ForceOpt = False):
+    """Choose the nucleus: map the seed knowledge graph to topics (or take central topics)."""
+    with _guard():
+        with _stage("nucleate", run_dir, config, set_, force) as (cfg, ws):
+            result = STAGES["nucleate"](cfg, ws, force=force)
+        _emit(result.to_json(), json_, _nucleate_human)
+
+
+def _train_human(r: dict) -> str:
+    if r["skipped"]:
+        return f"{r['neighborhood']}: already trained with this config -> {r['output']}"
+    nb = r["neighborhood"]
+    key = "nucleus/ppl" if nb == "nucleus" else f"nb/{nb}/ppl"
+    before, after = r["metrics_before"].get(key, float("nan")), r["metrics"].get(key, float("nan"))
+    return (f"trained {nb} ({r['kind']}, {r['trainable_params']:,} trainable parameters): "
+            f"{r['steps']} steps, {r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tokens/s\n"
+            f"held-out perplexity of {nb}: {before:.2f} -> {after:.2f}; natural mixture "
+            f"{r['metrics_before'].get('heldout/ppl', float('nan')):.2f} -> {r['metrics'].get('heldout/ppl', float('nan')):.2f}\n"
+            f"saved: {r['output']}")
+
+
+def _topic_list(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--topics must be comma-separated topic ids (e.g. 3,4,7), got '{value}'.") from None
+
+
+@app.command()
+def train(run_dir: RunDir,
+          neighborhood: Annotated[Optional[str], typer.Option(
+              "--neighborhood", "-n", help="Neighbourhood to train as a LoRA adapter (default: the nucleus).")] = None,
+          topics: Annotated[Optional[str], typer.Option(
+              "--topics", help="Define the neighbourhood from these topic ids, e.g. 3,4,7.")] = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+          config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False, force: ForceOpt = False):
+    """Train the nucleus (the base), or one neighbourhood as its own LoRA adapter."""
+    with _guard():
+        with _stage("train", run_dir, config, set_, force) as (cfg, ws):
+            result = STAGES["train"](cfg, ws, neighborhood, _topic_list(topics), resume=resume, force=force)
+        _emit(result.to_json(), json_, _train_human)
 
 
 def _hits_human(hits: list[dict]) -> str:

@@ -20,6 +20,12 @@ from pipeline.errors import UserError, did_you_mean
 BUILTIN_CORPUS = "builtin:wikitext2-sample"
 
 
+def _check_device(v: str) -> str:
+    if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, field docstrings are the docs."""
 
@@ -85,9 +91,7 @@ class EmbedConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
-            return v
-        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return _check_device(v)
 
 
 class IndexConfig(Section):
@@ -135,6 +139,98 @@ class GraphConfig(Section):
         return v
 
 
+class NucleateConfig(Section):
+    seed_graph: str | None = None
+    """Seed knowledge graph YAML (concepts + relations); unset = nucleus of the most central topics (PageRank)."""
+    hits_per_text: int = Field(default=20, ge=1)
+    """Passages retrieved per concept text (description, alias, query); each votes for its topic."""
+    threshold: float = Field(default=0.2, gt=0.0, le=1.0)
+    """A concept maps to every topic that wins at least this fraction of its votes."""
+    pagerank_topics: float = Field(default=0.2, gt=0.0, le=1.0)
+    """Without a seed graph: the fraction of topics (at least one) taken by PageRank as the nucleus."""
+
+
+class ModelConfig(Section):
+    base: str = "scratch"
+    """`scratch` (BPE tokenizer + Llama-style model built here) or a local Hugging Face causal LM path/id."""
+    size: Literal["tiny", "small", "base"] = "tiny"
+    """Preset for `scratch`: tiny (~0.4M params, CPU tests), small (~17M), base (~110M)."""
+    vocab_size: int = Field(default=4096, ge=300)
+    """BPE vocabulary size for `scratch` (byte-level: 256 bytes + merges + specials)."""
+    trust_remote_code: bool = False
+    """Allow a Hugging Face base to run code shipped with it. Only for models you trust."""
+
+
+class TrainConfig(Section):
+    block_size: int = Field(default=128, ge=8)
+    """Tokens per packed training sequence (at most the model's context length)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    nucleus_steps: int = Field(default=300, ge=1)
+    """Optimizer steps for the nucleus (full training of a scratch base, or its LoRA adapter)."""
+    adapter_steps: int = Field(default=120, ge=1)
+    """Optimizer steps per neighbourhood adapter."""
+    lr: float = Field(default=3e-3, gt=0.0)
+    """Peak learning rate for full (nucleus) training."""
+    adapter_lr: float = Field(default=2e-3, gt=0.0)
+    """Peak learning rate for LoRA adapters."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Cosine decay floor as a fraction of the peak learning rate."""
+    warmup_steps: int = Field(default=20, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    """Gradient norm clipping."""
+    sampler: str = "uniform"
+    """Batch sampler: `uniform` (shuffled blocks) or `community` (community traversal of the topic graph)."""
+    community_k: int = Field(default=2, ge=0)
+    """Neighbour topics joined to the root topic in each batch community."""
+    replay_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of each adapter batch drawn from nucleus passages, against forgetting."""
+    grad_topk: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Keep only this fraction of each gradient tensor's largest-magnitude entries (unset = off)."""
+    eval_every: int = Field(default=50, ge=1)
+    """Evaluate held-out perplexity every N optimizer steps (and at the end)."""
+    checkpoint_every: int = Field(default=50, ge=1)
+    """Save a resumable checkpoint every N optimizer steps."""
+    device: str = "auto"
+    """`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` = bf16 autocast on GPU, fp32 on CPU."""
+    eval_batch_size: int = Field(default=16, ge=1)
+    """Held-out passages per evaluation batch."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to logs/tb (needs the tensorboard package)."""
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        from curriculum.samplers import SAMPLERS
+
+        if v not in SAMPLERS:
+            raise ValueError(f"must be one of {sorted(SAMPLERS)}.{did_you_mean(v, SAMPLERS)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
+class LoraConfig(Section):
+    rank: int = Field(default=8, ge=1)
+    """LoRA rank, the same for every adapter and layer (so merges stay exact)."""
+    alpha: float = Field(default=16.0, gt=0.0)
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get LoRA: `all-linear` or a list of module names."""
+
+
 class RetrieveConfig(Section):
     k: int = Field(default=10, ge=1)
     """Passages returned per query."""
@@ -153,6 +249,10 @@ class NucleusConfig(Section):
     topics: TopicsConfig = TopicsConfig()
     graph: GraphConfig = GraphConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
+    nucleate: NucleateConfig = NucleateConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,0 +1,115 @@
+"""Base model and tokenizer: built from a preset (`scratch`) or loaded offline from a local path.
+
+`scratch` trains a byte-level BPE tokenizer on the corpus's train split and builds a small
+Llama-style causal LM; anything else is loaded with `AutoModelForCausalLM` (no download, no
+remote code unless `model.trust_remote_code`). Both are saved in `model/base/` in
+`save_pretrained` format, loadable with no Nucleus code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+EOS, PAD = "<|endoftext|>", "<pad>"
+
+# Llama-style presets. Parameter counts include tied input/output embeddings at vocab 4096
+# (tiny) / 8192 (small) / 16384 (base); the preset's context length bounds train.block_size.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=512),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=6, max_position_embeddings=1024),
+    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, max_position_embeddings=2048),
+}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                                   unk_token=EOS, pad_token=PAD, model_max_length=1_000_000)
+
+
+def build_scratch_model(tokenizer, size: str, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True, rope_theta=10_000.0, **PRESETS[size])
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_pretrained(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a local path or cached hub id; a clear error if it is not a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError / ValueError: no config.json, unknown model type, ...
+        raise UserError(f"model.base: cannot load '{path}' offline as a Hugging Face model "
+                        f"({type(e).__name__}: {_first_line(e)}). Give a local directory with "
+                        f"config.json and weights, or `scratch`.") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise UserError(f"model.base: '{path}' is a {type(config).__name__.removesuffix('Config')} "
+                        f"model, not a causal language model ({_first_line(e)}).") from None
+    except Exception as e:
+        raise UserError(f"model.base: cannot load the weights of '{path}' ({type(e).__name__}: "
+                        f"{_first_line(e)}).") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.base: '{path}' has no usable tokenizer ({type(e).__name__}: "
+                        f"{_first_line(e)}).") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def context_length(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return 1_000_000
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device: '{device}' asked for, but this machine has no CUDA device.")
+    return torch.device(device)
+
+
+def save_base(model: nn.Module, tokenizer, path: Path) -> None:
+    """save_pretrained (safetensors) of model and tokenizer into a directory written by rename."""
+    from pipeline.workspace import atomic_path
+
+    with atomic_path(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))

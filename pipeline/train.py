@@ -1,0 +1,281 @@
+"""`nucleus train`: train the nucleus, or one neighbourhood as a LoRA adapter.
+
+The nucleus (no `--neighborhood`) builds the base: with `model.base: scratch` a BPE tokenizer
+and a Llama-style model are built and trained in full on the nucleus, then saved in
+`model/base/`; with a Hugging Face base, the base is copied there and the nucleus trains as the
+first LoRA adapter. A neighbourhood trains as its own LoRA adapter on that base and is saved
+in stock peft format in `adapters/<nb-id>/`, with `neighborhood.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
+from curriculum.samplers import make_sampler
+from pipeline import __version__
+from pipeline import nucleate as nucleate_stage
+from pipeline.config import NucleusConfig, section_hash
+from pipeline.errors import UserError, did_you_mean
+from pipeline.evaluate import evaluate
+from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts, tokenize
+from pipeline.model import (build_scratch_model, context_length, count_parameters, load_pretrained,
+                            resolve_device, save_base, train_tokenizer)
+from pipeline.trainer import FitSettings, fit
+from pipeline.workspace import Workspace, atomic_path, atomic_write_json, now, read_json
+
+log = logging.getLogger("nucleus.train")
+
+SECTIONS = (*nucleate_stage.SECTIONS, "model", "train", "lora")
+
+
+@dataclass
+class TrainResult:
+    neighborhood: str
+    kind: str  # "full" (scratch nucleus) or "lora"
+    output: str
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    trainable_params: int = 0
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
+    skipped: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunData:
+    """What every training needs from the run directory: passages, their topics and split."""
+
+    corpus: datasets.Dataset
+    topic_of: np.ndarray
+    heldout: np.ndarray
+
+    @classmethod
+    def load(cls, ws: Workspace) -> "RunData":
+        table = pq.read_table(ws.topics_dir / "assignments.parquet").to_pydict()
+        return cls(datasets.load_from_disk(str(ws.corpus_dir)), np.asarray(table["topic_id"]),
+                   np.asarray(table["split"]) == "heldout")
+
+    def train_rows(self, topics: list[int], extra: list[int] = ()) -> list[int]:
+        """Train-split passages of `topics`, plus extra passages (never held-out ones)."""
+        rows = set(np.flatnonzero(np.isin(self.topic_of, topics) & ~self.heldout).tolist())
+        rows |= {int(p) for p in extra if not self.heldout[int(p)]}
+        return sorted(rows)
+
+    def heldout_rows(self) -> list[int]:
+        return np.flatnonzero(self.heldout).tolist()
+
+
+def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topics: list[int] | None = None,
+        resume: bool = False, force: bool = False) -> TrainResult:
+    ws.require("nucleate", "train")
+    nb = resolve_neighborhood(ws, neighborhood or NUCLEUS, topics, force)
+    if nb.id != NUCLEUS and not ws.is_complete("train"):
+        raise UserError(f"train: the nucleus of '{ws.root}' is not trained yet, and neighbourhood "
+                        f"'{nb.id}' trains on top of it. Run `nucleus train --run-dir {ws.root}` first.")
+    done = _finished(cfg, ws, nb)
+    if done is not None and not force:
+        return done
+    data = RunData.load(ws)
+    device = resolve_device(cfg.train.device)
+    model, tokenizer, kind = _setup_model(cfg, ws, nb, data, device)
+    blocks, replay, eval_set = _setup_data(cfg, ws, nb, data, tokenizer)
+    result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, eval_set, device, kind, resume)
+    _save(cfg, ws, nb, model, tokenizer, kind, result)
+    return result
+
+
+# ----------------------------------------------------------------------- neighbourhoods
+
+
+def resolve_neighborhood(ws: Workspace, nb_id: str, topics: list[int] | None, force: bool) -> Neighborhood:
+    """An existing neighbourhood, a new one from `--topics`, or the implicit `topic-N`."""
+    check_nb_id(nb_id)
+    n_topics = len(read_json(ws.topics_dir / "topics.json")["topics"])
+    for t in topics or []:
+        if not 0 <= t < n_topics:
+            raise UserError(f"train: --topics must be topic ids in [0, {n_topics - 1}], got {t}.")
+    existing = nucleate_stage.load_neighborhood(ws, nb_id)
+    if topics:
+        if existing is not None and sorted(existing.topics) != sorted(topics) and not force:
+            raise UserError(f"train: neighbourhood '{nb_id}' already exists with topics {existing.topics}; "
+                            f"use another id, or --force to redefine it.")
+        if nb_id == NUCLEUS:
+            raise UserError("train: the nucleus is chosen by `nucleus nucleate`, not by --topics.")
+        nb = Neighborhood(nb_id, sorted(set(topics)), parent=NUCLEUS, source="user")
+        nucleate_stage.save_neighborhood(ws, nb)
+        return nb
+    if existing is not None:
+        return existing
+    match = TOPIC_ID.match(nb_id)
+    if match and int(match.group(1)) < n_topics:
+        nb = Neighborhood(nb_id, [int(match.group(1))], parent=NUCLEUS, source="topic")
+        nucleate_stage.save_neighborhood(ws, nb)
+        return nb
+    known = sorted(p.stem for p in (ws.root / "neighborhoods").glob("*.json"))
+    raise UserError(f"train: unknown neighbourhood '{nb_id}'.{did_you_mean(nb_id, known)} Known: "
+                    f"{', '.join(known)}; `topic-N` (N in 0..{n_topics - 1}) names one topic, and "
+                    f"--topics 3,4,7 defines a new neighbourhood.")
+
+
+def adapter_dir(ws: Workspace, nb_id: str) -> Path:
+    return ws.root / "adapters" / check_nb_id(nb_id)
+
+
+def _finished(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood) -> TrainResult | None:
+    """The stored result when this neighbourhood already finished with the same config."""
+    if nb.id == NUCLEUS:
+        record = ws.root / "model" / "nucleus.json"
+        if not (ws.is_complete("train") and record.is_file()):
+            return None
+    else:
+        record = adapter_dir(ws, nb.id) / "neighborhood.json"
+        if not record.is_file():
+            return None
+    info = read_json(record)
+    if info.get("config_hash") != section_hash(cfg, SECTIONS):
+        return None
+    return TrainResult(**{**info["result"], "skipped": True})
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunData, device: torch.device):
+    base_dir = ws.root / "model" / "base"
+    if nb.id == NUCLEUS:
+        if cfg.model.base == "scratch":
+            texts = passage_texts(data.corpus, np.flatnonzero(~data.heldout).tolist())
+            tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
+            model, kind = build_scratch_model(tokenizer, cfg.model.size, cfg.seed), "full"
+        else:
+            model, tokenizer = load_pretrained(cfg.model.base, cfg.model.trust_remote_code)
+            save_base(model, tokenizer, base_dir)
+            kind = "lora"
+    else:
+        model, tokenizer = load_pretrained(str(base_dir))
+        kind = "lora"
+    if cfg.train.block_size > context_length(model):
+        raise UserError(f"train.block_size: {cfg.train.block_size} is above the model's context length "
+                        f"({context_length(model)}). Set train.block_size <= {context_length(model)}.")
+    if kind == "lora":
+        model = _add_lora(cfg, model)
+    return model.to(device), tokenizer, kind
+
+
+def _add_lora(cfg: NucleusConfig, model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunData, tokenizer):
+    def blocks_for(rows: list[int]) -> Blocks:
+        ids = tokenize(tokenizer, passage_texts(data.corpus, rows))
+        return pack_by_topic(ids, data.topic_of[rows].tolist(), cfg.train.block_size, tokenizer.pad_token_id)
+
+    rows = data.train_rows(nb.topics, nb.passage_ids)
+    if not rows:
+        raise UserError(f"train: neighbourhood '{nb.id}' has no training passages (topics {nb.topics}).")
+    blocks = blocks_for(rows)
+    replay = None
+    if nb.id != NUCLEUS and cfg.train.replay_fraction > 0:
+        nucleus = nucleate_stage.load_neighborhood(ws, NUCLEUS)
+        replay = blocks_for(data.train_rows(nucleus.topics))
+    held = data.heldout_rows()
+    eval_set = make_eval_set(tokenizer, data.corpus, held, data.topic_of[held].tolist(), cfg.train.block_size)
+    log.info("train %s: %d passages -> %d blocks of %d tokens", nb.id, len(rows), len(blocks),
+             cfg.train.block_size)
+    return blocks, replay, eval_set
+
+
+# -------------------------------------------------------------------------------- fit
+
+
+def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, blocks: Blocks,
+         replay: Blocks | None, eval_set, device: torch.device, kind: str, resume: bool) -> TrainResult:
+    t = cfg.train
+    autocast = torch.bfloat16 if device.type == "cuda" and t.precision in ("auto", "bf16") else None
+    graph = nucleate_stage.load_topic_graph(ws).adjacency()
+    nucleus_topics = nucleate_stage.load_neighborhood(ws, NUCLEUS).topics
+
+    def evaluate_fn(m) -> dict[str, float]:
+        return evaluate(m, eval_set, t.eval_batch_size, device, tokenizer.pad_token_id,
+                        {nb.id: nb.topics}, nucleus_topics, autocast)
+
+    def sampler_for(b: Blocks, seed_offset: int):
+        return lambda: iter(make_sampler(t.sampler, b.topics, t.batch_size, graph, t.community_k,
+                                         cfg.seed + seed_offset))
+
+    metrics_file = ws.logs_dir / "metrics.jsonl"
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def log_metrics(row: dict) -> None:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps({"nb": nb.id, "time": now(), **row}) + "\n")
+
+    steps = t.nucleus_steps if nb.id == NUCLEUS else t.adapter_steps
+    settings = FitSettings(
+        steps=steps, lr=t.lr if kind == "full" else t.adapter_lr, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay, grad_clip=t.grad_clip, grad_topk=t.grad_topk,
+        replay_fraction=t.replay_fraction if replay is not None else 0.0, eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every, autocast_dtype=autocast)
+    before = evaluate_fn(model)
+    log_metrics({"step": 0, "tokens": 0, **before})
+    torch.manual_seed(cfg.seed)
+    fitted = fit(model, blocks, sampler_for(blocks, 0), settings, device, evaluate=evaluate_fn,
+                 replay=replay, make_replay_sampler=sampler_for(replay, 1) if replay is not None else None,
+                 checkpoint_dir=ws.root / "checkpoints" / nb.id, resume=resume, log=log_metrics,
+                 desc=f"train {nb.id}")
+    return TrainResult(neighborhood=nb.id, kind=kind, output="", steps=fitted.steps, tokens=fitted.tokens,
+                       seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
+                       trainable_params=count_parameters(model, trainable_only=True),
+                       metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from)
+
+
+# ------------------------------------------------------------------------------- save
+
+
+def _save(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, kind: str,
+          result: TrainResult) -> None:
+    record = {"neighborhood": nb.to_json(), "config_hash": section_hash(cfg, SECTIONS),
+              "version": __version__, "finished": now()}
+    if kind == "full":  # the scratch nucleus: the trained model is the base
+        base_dir = ws.root / "model" / "base"
+        result.output = str(base_dir)
+        save_base(model.cpu(), tokenizer, base_dir)
+        atomic_write_json(ws.root / "model" / "nucleus.json", {**record, "result": result.to_json()})
+    else:
+        out = adapter_dir(ws, nb.id)
+        result.output = str(out)
+        with atomic_path(out) as tmp:
+            model.save_pretrained(str(tmp))  # adapter_config.json + adapter_model.safetensors
+            atomic_write_json(tmp / "neighborhood.json", {
+                **record, "topics": nb.topics, "parent": nb.parent, "passages": len(nb.passage_ids),
+                "tokens_seen": result.tokens, "metrics": result.metrics, "result": result.to_json()})
+        if nb.id == NUCLEUS:
+            atomic_write_json(ws.root / "model" / "nucleus.json", {**record, "result": result.to_json()})
+    if nb.id == NUCLEUS:
+        ws.mark_complete("train", cfg, SECTIONS, {"kind": kind})
+    shutil.rmtree(ws.root / "checkpoints" / nb.id, ignore_errors=True)
+    log.info("train %s: %d steps, %d tokens, %.0f tokens/s -> %s", nb.id, result.steps, result.tokens,
+             result.tokens_per_s, result.output)

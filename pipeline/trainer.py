@@ -1,0 +1,212 @@
+"""The training loop shared by the nucleus (full) and neighbourhood (LoRA) trainings.
+
+AdamW with linear warm-up and cosine decay, gradient accumulation and clipping, optional top-k
+gradient sparsification, bf16 autocast on GPU, periodic held-out evaluation, resumable
+checkpoints. Batches are packed token blocks chosen by a block sampler; samplers are
+deterministic, so a resumed run re-creates them and skips the batches already consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.lm_data import Blocks
+from pipeline.workspace import atomic_path
+
+log_fn = Callable[[dict], None]
+
+
+@dataclass
+class FitSettings:
+    """Optimisation settings (plain values; taken from the `train` config section)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    grad_topk: float | None = None
+    replay_fraction: float = 0.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    log_every: int = 10
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass
+class FitResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak lr: linear warm-up, then cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sparsify_gradients(params: list[nn.Parameter], keep: float) -> None:
+    """Keep the `keep` fraction of largest-magnitude entries of each gradient tensor, zero the rest
+    (the research note's "truncate the gradient to the highest-magnitude values")."""
+    for p in params:
+        if p.grad is None or p.grad.numel() < 2:
+            continue
+        flat = p.grad.abs().flatten()
+        k = max(1, int(keep * flat.numel()))
+        threshold = torch.topk(flat, k, sorted=False).values.min()
+        p.grad.mul_(p.grad.abs() >= threshold)
+
+
+class _Checkpoint:
+    """`<dir>/latest/`: trainable weights (safetensors), optimizer/scheduler/RNG state, counters."""
+
+    def __init__(self, directory: Path | None):
+        self.dir = directory
+
+    def exists(self) -> bool:
+        return self.dir is not None and (self.dir / "latest" / "state.json").is_file()
+
+    def save(self, model: nn.Module, opt, sched, step: int, tokens: int) -> None:
+        if self.dir is None:
+            return
+        with atomic_path(self.dir / "latest") as tmp:
+            tmp.mkdir(parents=True)
+            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens}))
+
+    def load(self, model: nn.Module, opt, sched) -> tuple[int, int]:
+        latest = self.dir / "latest"
+        weights = load_file(str(latest / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device))
+        # weights_only: the file holds tensors and plain containers, never arbitrary objects.
+        state = torch.load(latest / "optim.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        counters = json.loads((latest / "state.json").read_text())
+        return int(counters["step"]), int(counters["tokens"])
+
+
+def _skip(sampler, n: int) -> None:
+    if hasattr(sampler, "skip"):
+        sampler.skip(n)
+    else:
+        for _ in range(n):
+            next(sampler)
+
+
+def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np.ndarray]],
+        settings: FitSettings, device: torch.device, *,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        replay: Blocks | None = None, make_replay_sampler: Callable[[], Iterator[np.ndarray]] | None = None,
+        checkpoint_dir: Path | None = None, resume: bool = False, log: log_fn | None = None,
+        desc: str = "train") -> FitResult:
+    """Train `model`'s trainable parameters for `settings.steps` optimizer steps."""
+    s = settings
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_lambda(step, s.warmup_steps, s.steps, s.min_lr_ratio))
+    ckpt = _Checkpoint(checkpoint_dir)
+    step, tokens = 0, 0
+    if resume and ckpt.exists():
+        step, tokens = ckpt.load(model, opt, sched)
+    start_step = step
+
+    n_replay = int(round(s.replay_fraction * s.batch_size)) if replay is not None and len(replay) else 0
+    sampler = make_sampler()
+    _skip(sampler, step * s.grad_accum)
+    replay_sampler = make_replay_sampler() if n_replay else None
+    if replay_sampler is not None:
+        _skip(replay_sampler, step * s.grad_accum)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = next(sampler)[: s.batch_size - n_replay]
+        ids, mask = blocks.tokens[idx], blocks.mask[idx]
+        if replay_sampler is not None:
+            r = next(replay_sampler)[:n_replay]
+            ids, mask = torch.cat([ids, replay.tokens[r]]), torch.cat([mask, replay.mask[r]])
+        return ids, mask
+
+    autocast = (torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
+    model.train()
+    metrics: dict[str, float] = {}
+    recent_loss = torch.zeros((), device=device)
+    recent_n, last_loss = 0, float("nan")
+    bar = tqdm(total=s.steps, initial=step, desc=desc, unit="step", disable=None)
+    t0, tokens_at_t0 = time.perf_counter(), tokens
+    while step < s.steps:
+        for _ in range(s.grad_accum):
+            ids, mask = next_batch()
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            labels = ids.masked_fill(~mask, -100)
+            with autocast:
+                loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+            (loss / s.grad_accum).backward()
+            recent_loss += loss.detach()
+            recent_n += 1
+            tokens += int(mask.sum())
+        if s.grad_topk is not None:
+            sparsify_gradients(params, s.grad_topk)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        is_last = step == s.steps
+        if step % s.log_every == 0 or is_last:
+            last_loss = float(recent_loss) / max(recent_n, 1)
+            elapsed = time.perf_counter() - t0
+            tps = (tokens - tokens_at_t0) / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+            if log:
+                log({"step": step, "tokens": tokens, "train/loss": last_loss, "lr": sched.get_last_lr()[0],
+                     "grad_norm": float(grad_norm), "tokens_per_s": tps})
+            recent_loss.zero_()
+            recent_n = 0
+        if evaluate is not None and (step % s.eval_every == 0 or is_last):
+            metrics = evaluate(model)
+            if log:
+                log({"step": step, "tokens": tokens, **metrics})
+            model.train()
+        if step % s.checkpoint_every == 0 and not is_last:
+            ckpt.save(model, opt, sched, step, tokens)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return FitResult(steps=step, tokens=tokens, seconds=round(elapsed, 3),
+                     tokens_per_s=(tokens - tokens_at_t0) / max(elapsed, 1e-9), train_loss=last_loss,
+                     metrics=metrics, resumed_from=start_step)

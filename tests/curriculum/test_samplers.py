@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+
+from curriculum.samplers import SAMPLERS, CommunitySampler, UniformSampler, make_sampler
+from pipeline.errors import UserError
+from retrieval.graph import TopicGraph
+
+# 300 blocks over 10 topics of uneven size (as k-means topics are), in corpus order shuffled.
+SIZES = [60, 45, 40, 35, 30, 25, 25, 20, 12, 8]
+BLOCK_TOPICS = np.random.default_rng(7).permutation(np.repeat(np.arange(10), SIZES))
+
+# A small topic graph: a ring 0-1-...-7-0 with two chords; topic 8 is a dead end (3 -> 8 only,
+# as a directed kNN list can give); topic 9 is isolated; topic 10 has an edge but no blocks.
+ADJ = {0: [1, 7, 4], 1: [0, 2], 2: [1, 3, 6], 3: [2, 4, 8], 4: [3, 5, 0], 5: [4, 6, 10],
+       6: [5, 7, 2], 7: [6, 0], 8: [], 9: [], 10: [5]}
+
+
+def batches(sampler, n: int) -> list[np.ndarray]:
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def check_community_walk(sampler: CommunitySampler, block_topics: np.ndarray,
+                         adj: dict[int, list[int]], n: int) -> int:
+    """Draw n batches and check the research note's rules; returns the number of jumps seen."""
+    has_blocks = set(np.unique(block_topics).tolist())
+    nbrs = {t: set(adj.get(t, [])) & has_blocks - {t} for t in has_blocks}
+    out = batches(sampler, n)
+    history = list(sampler.history)
+    assert len(history) == n
+    jumps = 0
+    for i, (batch, (root, community)) in enumerate(zip(out, history)):
+        assert batch.dtype == np.int64 and batch.shape == (sampler.batch_size,)
+        # every block of the batch belongs to a topic of the recorded community
+        assert set(block_topics[batch].tolist()) <= set(community)
+        # the community is ROOT plus min(k, degree) distinct neighbours of ROOT
+        assert root in community and len(community) == len(set(community))
+        assert set(community) - {root} <= nbrs[root]
+        assert len(community) == 1 + min(sampler.k, len(nbrs[root]))
+        # without replacement whenever the community holds enough blocks
+        if np.isin(block_topics, community).sum() >= sampler.batch_size:
+            assert len(set(batch.tolist())) == sampler.batch_size
+        if i:
+            prev = history[i - 1][0]
+            if nbrs[prev]:
+                assert root in nbrs[prev], (i, prev, root)  # moves only along edges
+            else:
+                jumps += 1  # isolated / dead-end ROOT: a counted random jump
+    assert sampler.jumps == jumps
+    return jumps
+
+
+def test_community_batches_stay_in_their_community_and_root_walks_the_graph():
+    sampler = CommunitySampler(BLOCK_TOPICS, batch_size=16, adjacency=ADJ, k=2, seed=3)
+    jumps = check_community_walk(sampler, BLOCK_TOPICS, ADJ, 2000)
+    roots = [r for r, _ in sampler.history]
+    assert jumps > 0  # the walk reached dead end 8 (via 3) and jumped away
+    assert set(roots) <= set(range(10))  # topic 10 has no blocks: never a ROOT
+    assert all(10 not in c for _, c in sampler.history)
+    assert sampler.batches_drawn == 2000
+
+
+def test_edgeless_graph_jumps_every_batch_and_small_topics_draw_with_replacement():
+    # No edges: each community is ROOT alone; topics 8 and 9 (12 and 8 blocks) are smaller
+    # than the batch, so their batches repeat blocks; the rest never do.
+    sampler = CommunitySampler(BLOCK_TOPICS, batch_size=16, adjacency={}, k=2, seed=0)
+    for batch, (root, community) in zip(batches(sampler, 200), sampler.history):
+        assert community == (root,)
+        assert set(BLOCK_TOPICS[batch].tolist()) == {root}
+        unique = len(set(batch.tolist()))
+        assert unique == 16 if SIZES[root] >= 16 else unique <= SIZES[root]
+    assert {8, 9} <= {r for r, _ in sampler.history}
+    assert sampler.jumps == 199  # every move after the first batch is a jump
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_community_sampler_on_an_erdos_renyi_topic_graph(seed):
+    n_topics = 30
+    block_topics = np.random.default_rng(seed).integers(0, n_topics, 600)
+    graph = TopicGraph.build("erdos_renyi", np.zeros((n_topics, 4)), p=0.08, seed=seed)
+    adj = graph.adjacency()
+    sampler = make_sampler("community", block_topics, 16, adj, k=3, seed=seed)
+    check_community_walk(sampler, block_topics, adj, 1000)
+
+
+def test_adjacency_loaded_from_json_has_string_keys():
+    adj = {str(t): v for t, v in ADJ.items()}
+    a = CommunitySampler(BLOCK_TOPICS, 16, adj, k=2, seed=5)
+    b = CommunitySampler(BLOCK_TOPICS, 16, ADJ, k=2, seed=5)
+    assert all(np.array_equal(x, y) for x, y in zip(batches(a, 100), batches(b, 100)))
+
+
+def test_uniform_covers_every_block_exactly_once_per_epoch():
+    sampler = UniformSampler(BLOCK_TOPICS, batch_size=16, seed=0)
+    stream = np.concatenate(batches(sampler, 300 * 4 // 16))  # 4 whole epochs, 75 batches
+    epochs = stream.reshape(4, 300)
+    for epoch in epochs:
+        assert np.array_equal(np.sort(epoch), np.arange(300))
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+    assert sampler.epoch == 4
+
+
+def test_uniform_with_fewer_blocks_than_the_batch_draws_with_replacement():
+    sampler = UniformSampler(np.array([0, 0, 1, 2, 2]), batch_size=16, seed=0)
+    out = batches(sampler, 20)
+    assert all(b.shape == (16,) and b.min() >= 0 and b.max() < 5 for b in out)
+    assert set(np.concatenate(out).tolist()) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("block_topics", [BLOCK_TOPICS, np.array([0, 0, 1, 2, 2])], ids=["300", "5"])
+def test_deterministic_under_the_seed_and_skip(name, block_topics):
+    def make(seed):
+        return make_sampler(name, block_topics, 16, ADJ, k=2, seed=seed)
+
+    full = batches(make(11), 60)
+    assert all(np.array_equal(x, y) for x, y in zip(full, batches(make(11), 60)))
+    assert not all(np.array_equal(x, y) for x, y in zip(full, batches(make(12), 60)))
+    resumed = iter(make(11))  # a sampler is its own iterator: skip works on what iter() gives
+    resumed.skip(37)  # 37 * 16 blocks: crosses an epoch boundary of the 300-block uniform stream
+    assert resumed.batches_drawn == 37
+    rest = batches(resumed, 23)
+    assert all(np.array_equal(x, y) for x, y in zip(full[37:], rest))
+    assert resumed.batches_drawn == 60
+
+
+def test_community_skip_restores_walk_state():
+    a, b = (CommunitySampler(BLOCK_TOPICS, 16, ADJ, k=2, seed=4) for _ in range(2))
+    batches(a, 500)
+    b.skip(500)
+    assert (a.jumps, list(a.history)) == (b.jumps, list(b.history))
+
+
+def test_unknown_sampler_name_suggests_the_closest():
+    with pytest.raises(UserError) as e:
+        make_sampler("comunity", BLOCK_TOPICS, 16, ADJ)
+    assert str(e.value) == ("unknown sampler (train.sampler) 'comunity'. Did you mean 'community'? "
+                            "Choose one of: community, uniform.")
+
+
+def test_registry_builds_each_kind():
+    assert isinstance(make_sampler("uniform", BLOCK_TOPICS, 16), UniformSampler)
+    assert isinstance(make_sampler("community", BLOCK_TOPICS, 16, ADJ, k=1), CommunitySampler)
+    with pytest.raises(ValueError, match="needs the topic graph's adjacency"):
+        make_sampler("community", BLOCK_TOPICS, 16)
