@@ -69,8 +69,12 @@ def section_headings(files: list[Path]) -> list[str]:
     out: list[str] = []
     for path in files:
         title = ""
-        for line in path.read_text(encoding="utf-8").split("\n"):
-            if m := _TITLE.match(line):
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for i, line in enumerate(lines):
+            # A title only between blank lines, as in split_wikitext_articles: some table rows
+            # inside articles also look like ` = ... = `.
+            between_blanks = (i == 0 or not lines[i - 1].strip()) and (i + 1 >= len(lines) or not lines[i + 1].strip())
+            if (m := _TITLE.match(line)) and between_blanks:
                 title = m.group(1).strip()
             elif (m := _SECTION.match(line)) and title:
                 out.append(f"{title} {m.group(1).strip()}")

@@ -170,12 +170,8 @@ class TrainConfig(Section):
     """Micro-batches per optimizer step."""
     nucleus_steps: int = Field(default=300, ge=1)
     """Optimizer steps for the nucleus (full training of a scratch base, or its LoRA adapter)."""
-    adapter_steps: int = Field(default=120, ge=1)
-    """Optimizer steps per neighbourhood adapter."""
     lr: float = Field(default=3e-3, gt=0.0)
     """Peak learning rate for full (nucleus) training."""
-    adapter_lr: float = Field(default=2e-3, gt=0.0)
-    """Peak learning rate for LoRA adapters."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Cosine decay floor as a fraction of the peak learning rate."""
     warmup_steps: int = Field(default=20, ge=0)
@@ -188,8 +184,6 @@ class TrainConfig(Section):
     """Batch sampler: `uniform` (shuffled blocks) or `community` (community traversal of the topic graph)."""
     community_k: int = Field(default=2, ge=0)
     """Neighbour topics joined to the root topic in each batch community."""
-    replay_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """Fraction of each adapter batch drawn from nucleus passages, against forgetting."""
     grad_topk: float | None = Field(default=None, gt=0.0, le=1.0)
     """Keep only this fraction of each gradient tensor's largest-magnitude entries (unset = off)."""
     eval_every: int = Field(default=50, ge=1)
@@ -221,6 +215,14 @@ class TrainConfig(Section):
 
 
 class LoraConfig(Section):
+    """Neighbourhood adapters (and the nucleus's, on a Hugging Face base)."""
+
+    steps: int = Field(default=120, ge=1)
+    """Optimizer steps per neighbourhood adapter."""
+    lr: float = Field(default=5e-3, gt=0.0)
+    """Peak learning rate for LoRA adapters."""
+    replay_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of each adapter batch drawn from nucleus passages, against forgetting."""
     rank: int = Field(default=8, ge=1)
     """LoRA rank, the same for every adapter and layer (so merges stay exact)."""
     alpha: float = Field(default=16.0, gt=0.0)

@@ -38,6 +38,13 @@ log = logging.getLogger("nucleus.train")
 SECTIONS = (*nucleate_stage.SECTIONS, "model", "train", "lora")
 
 
+def stage_sections(cfg: NucleusConfig, nb_id: str) -> tuple[str, ...]:
+    """Config sections a training depends on: a scratch nucleus does not read `lora`."""
+    if nb_id == NUCLEUS and cfg.model.base == "scratch":
+        return SECTIONS[:-1]
+    return SECTIONS
+
+
 @dataclass
 class TrainResult:
     neighborhood: str
@@ -148,7 +155,7 @@ def _finished(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood) -> TrainResul
         if not record.is_file():
             return None
     info = read_json(record)
-    if info.get("config_hash") != section_hash(cfg, SECTIONS):
+    if info.get("config_hash") != section_hash(cfg, stage_sections(cfg, nb.id)):
         return None
     return TrainResult(**{**info["result"], "skipped": True})
 
@@ -197,7 +204,7 @@ def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunDa
         raise UserError(f"train: neighbourhood '{nb.id}' has no training passages (topics {nb.topics}).")
     blocks = blocks_for(rows)
     replay = None
-    if nb.id != NUCLEUS and cfg.train.replay_fraction > 0:
+    if nb.id != NUCLEUS and cfg.lora.replay_fraction > 0:
         nucleus = nucleate_stage.load_neighborhood(ws, NUCLEUS)
         replay = blocks_for(data.train_rows(nucleus.topics))
     held = data.heldout_rows()
@@ -232,12 +239,12 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
         with open(metrics_file, "a") as f:
             f.write(json.dumps({"nb": nb.id, "time": now(), **row}) + "\n")
 
-    steps = t.nucleus_steps if nb.id == NUCLEUS else t.adapter_steps
+    steps = t.nucleus_steps if kind == "full" else cfg.lora.steps
     settings = FitSettings(
-        steps=steps, lr=t.lr if kind == "full" else t.adapter_lr, batch_size=t.batch_size,
+        steps=steps, lr=t.lr if kind == "full" else cfg.lora.lr, batch_size=t.batch_size,
         grad_accum=t.grad_accum, warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio,
         weight_decay=t.weight_decay, grad_clip=t.grad_clip, grad_topk=t.grad_topk,
-        replay_fraction=t.replay_fraction if replay is not None else 0.0, eval_every=t.eval_every,
+        replay_fraction=cfg.lora.replay_fraction if replay is not None else 0.0, eval_every=t.eval_every,
         checkpoint_every=t.checkpoint_every, autocast_dtype=autocast)
     before = evaluate_fn(model)
     log_metrics({"step": 0, "tokens": 0, **before})
@@ -257,7 +264,8 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
 
 def _save(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, kind: str,
           result: TrainResult) -> None:
-    record = {"neighborhood": nb.to_json(), "config_hash": section_hash(cfg, SECTIONS),
+    sections = stage_sections(cfg, nb.id)
+    record = {"neighborhood": nb.to_json(), "config_hash": section_hash(cfg, sections),
               "version": __version__, "finished": now()}
     if kind == "full":  # the scratch nucleus: the trained model is the base
         base_dir = ws.root / "model" / "base"
@@ -275,7 +283,7 @@ def _save(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer,
         if nb.id == NUCLEUS:
             atomic_write_json(ws.root / "model" / "nucleus.json", {**record, "result": result.to_json()})
     if nb.id == NUCLEUS:
-        ws.mark_complete("train", cfg, SECTIONS, {"kind": kind})
+        ws.mark_complete("train", cfg, sections, {"kind": kind})
     shutil.rmtree(ws.root / "checkpoints" / nb.id, ignore_errors=True)
     log.info("train %s: %d steps, %d tokens, %.0f tokens/s -> %s", nb.id, result.steps, result.tokens,
              result.tokens_per_s, result.output)

@@ -71,3 +71,33 @@ def nucleus(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
                           text=True, cwd=cwd or REPO, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+# Tiny training settings: a 2-layer model, short blocks, a few dozen steps (seconds on CPU).
+TRAIN_SETS = ["train.block_size=64", "train.batch_size=8", "train.nucleus_steps=40",
+              "lora.steps=40", "train.eval_every=20", "train.checkpoint_every=10",
+              "train.warmup_steps=5"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_run, tmp_path_factory) -> Path:
+    """The small run, nucleated (PageRank) and with its tiny scratch nucleus trained."""
+    from pipeline import nucleate, train
+    from pipeline.config import resolve_config
+    from pipeline.workspace import Workspace
+
+    run_dir = tmp_path_factory.mktemp("runs") / "trained"
+    shutil.copytree(small_run, run_dir)
+    ws = Workspace(run_dir)
+    cfg = resolve_config(ws.stored_config(), None, TRAIN_SETS)
+    ws.begin_command(cfg, "train", force=False)
+    nucleate.run(cfg, ws)
+    train.run(cfg, ws)
+    return run_dir
+
+
+@pytest.fixture
+def trained_run_copy(trained_run, tmp_path) -> Path:
+    dst = tmp_path / "trained"
+    shutil.copytree(trained_run, dst)
+    return dst

@@ -1,0 +1,186 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import train
+from pipeline.config import resolve_config
+from pipeline.errors import UserError
+from pipeline.trainer import lr_lambda, sparsify_gradients
+from pipeline.workspace import Workspace
+from tests.conftest import REPO, TRAIN_SETS, nucleus
+
+
+def _cfg(ws, *sets):
+    return resolve_config(ws.stored_config(), None, list(sets))
+
+
+def test_scratch_base_loads_with_plain_transformers(trained_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(trained_run / "model" / "base")
+    tok = AutoTokenizer.from_pretrained(trained_run / "model" / "base")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    assert (trained_run / "model" / "base" / "model.safetensors").is_file()
+    ids = tok("The storm made landfall", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+    record = json.loads((trained_run / "model" / "nucleus.json").read_text())["result"]
+    # full training on the nucleus lowered the nucleus's held-out perplexity
+    assert record["metrics"]["nucleus/ppl"] < 0.5 * record["metrics_before"]["nucleus/ppl"]
+    assert record["steps"] == 40 and record["kind"] == "full"
+
+
+@pytest.fixture(scope="module")
+def adapter_run(trained_run, tmp_path_factory):
+    import shutil
+
+    run_dir = tmp_path_factory.mktemp("adapter") / "run"
+    shutil.copytree(trained_run, run_dir)
+    ws = Workspace(run_dir)
+    topic = next(t for t in range(6) if t not in json.loads(
+        (run_dir / "neighborhoods" / "nucleus.json").read_text())["topics"])
+    result = train.run(_cfg(ws), ws, f"topic-{topic}")
+    return run_dir, result
+
+
+def test_adapter_is_stock_peft_and_reproduces_the_reported_heldout_loss(adapter_run):
+    """Loaded with no Nucleus code, the adapter gives the held-out loss Nucleus reported (1e-4)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, result = adapter_run
+    nb = result.neighborhood
+    adapter = run_dir / "adapters" / nb
+    assert {"adapter_config.json", "adapter_model.safetensors", "neighborhood.json"} <= {p.name for p in adapter.iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "model" / "base"), adapter)
+    tok = AutoTokenizer.from_pretrained(run_dir / "model" / "base")
+    model.eval()
+    info = json.loads((adapter / "neighborhood.json").read_text())
+    corpus = datasets.load_from_disk(str(run_dir / "corpus"))
+    topics = pq.read_table(run_dir / "topics" / "assignments.parquet").column("topic_id").to_pylist()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for row, topic in zip(corpus, topics):
+            if row["split"] != "heldout" or topic not in info["topics"]:
+                continue
+            ids = [tok.eos_token_id] + tok(f"{row['title']}\n{row['text']}")["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([ids[:64]])
+            loss = model(input_ids=ids, labels=ids).loss.item()
+            nll, n = nll + loss * (ids.shape[1] - 1), n + ids.shape[1] - 1
+    assert abs(nll / n - info["metrics"][f"nb/{nb}/loss"]) < 1e-4
+
+
+def test_adapter_lowers_its_neighbourhood_perplexity_below_the_base(adapter_run):
+    _, result = adapter_run
+    key = f"nb/{result.neighborhood}/ppl"
+    assert result.metrics[key] < 0.85 * result.metrics_before[key]  # ~25% drop in 40 steps at tiny size
+    assert result.kind == "lora" and result.trainable_params < 50_000
+    info = json.loads((adapter_run[0] / "adapters" / result.neighborhood / "neighborhood.json").read_text())
+    assert info["parent"] == "nucleus" and info["tokens_seen"] == result.tokens > 0 and info["config_hash"]
+
+
+def test_training_again_is_a_no_op(adapter_run):
+    run_dir, result = adapter_run
+    ws = Workspace(run_dir)
+    again = train.run(_cfg(ws), ws, result.neighborhood)
+    assert again.skipped and again.metrics == result.metrics
+
+
+def test_kill_then_resume_continues_with_the_same_steps(trained_run_copy, trained_run):
+    args = ["train", "--run-dir", str(trained_run_copy), "-n", "topic-0", "--set", "lora.steps=60"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = trained_run_copy / "checkpoints" / "topic-0" / "latest" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 20):
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert not (trained_run_copy / "adapters" / "topic-0").exists()
+
+    r = nucleus(*args, "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads(r.stdout)
+    assert resumed["resumed_from"] == killed_at and resumed["steps"] == 60
+    assert not (trained_run_copy / "checkpoints" / "topic-0").exists()
+
+    # the same training without the kill, in the original run
+    ws = Workspace(trained_run)
+    full = train.run(_cfg(ws, "lora.steps=60"), ws, "topic-0").to_json()
+    assert resumed["tokens"] == full["tokens"]
+    for key in ("nb/topic-0/ppl", "heldout/ppl"):
+        assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=0.02)
+
+
+def test_hf_base_trains_the_nucleus_as_the_first_adapter(small_run_copy, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline import nucleate
+    from pipeline.model import train_tokenizer
+
+    base = tmp_path / "hf-base"
+    tok = train_tokenizer(["a small corpus of words to learn merges from"] * 50, 300)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(base)
+    tok.save_pretrained(base)
+    ws = Workspace(small_run_copy)
+    cfg = _cfg(ws, *TRAIN_SETS, f"model.base={base}", "train.nucleus_steps=5")
+    nucleate.run(cfg, ws)
+    result = train.run(cfg, ws)
+    assert result.kind == "lora" and (small_run_copy / "adapters" / "nucleus" / "adapter_model.safetensors").is_file()
+    assert (small_run_copy / "model" / "base" / "config.json").is_file()
+    assert isinstance(tok, PreTrainedTokenizerFast)
+
+
+def test_bad_training_input_is_a_clear_error(trained_run_copy, small_run_copy, tmp_path):
+    ws = Workspace(trained_run_copy)
+    with pytest.raises(UserError, match="unknown neighbourhood 'nucleos'. Did you mean 'nucleus'"):
+        train.run(_cfg(ws), ws, "nucleos")
+    with pytest.raises(UserError, match="not a safe name"):
+        train.run(_cfg(ws), ws, "../etc")
+    with pytest.raises(UserError, match="train.block_size: 4096 is above the model's context length \\(512\\)"):
+        train.run(_cfg(ws, "train.block_size=4096"), ws, "topic-1")
+    r = nucleus("train", "--run-dir", str(small_run_copy))
+    assert r.returncode == 2 and "no finished `nucleate` stage" in r.stderr and "Traceback" not in r.stderr
+
+    from transformers import ViTConfig, ViTModel
+
+    not_lm = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=37)).save_pretrained(not_lm)
+    ws2 = Workspace(small_run_copy)
+    from pipeline import nucleate
+
+    nucleate.run(_cfg(ws2), ws2)
+    with pytest.raises(UserError, match="is a ViT model, not a causal language model"):
+        train.run(_cfg(ws2, f"model.base={not_lm}"), ws2)
+    with pytest.raises(UserError, match="cannot load .* offline"):
+        train.run(_cfg(ws2, f"model.base={tmp_path / 'nothing-here'}"), ws2)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    values = [lr_lambda(s, 10, 100, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_topk_sparsification_keeps_the_largest_fraction():
+    p = torch.nn.Parameter(torch.zeros(10, 10))
+    magnitudes = torch.randperm(100, generator=torch.Generator().manual_seed(0)).float() + 1
+    signs = torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0)
+    p.grad = (magnitudes * signs).reshape(10, 10)
+    sparsify_gradients([p], 0.1)
+    kept = p.grad.flatten()[p.grad.flatten() != 0]
+    assert sorted(kept.abs().tolist()) == [float(v) for v in range(91, 101)]
