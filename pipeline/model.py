@@ -108,7 +108,7 @@ def resolve_device(device: str) -> torch.device:
 
 def save_base(model: nn.Module, tokenizer, path: Path) -> None:
     """save_pretrained (safetensors) of model and tokenizer into a directory written by rename."""
-    from pipeline.workspace import atomic_path
+    from pipeline.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.lm_data import Blocks
-from pipeline.workspace import atomic_path
+from pipeline.atomic import atomic_path
 
 log_fn = Callable[[dict], None]
 

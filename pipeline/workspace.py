@@ -1,7 +1,7 @@
 """The run directory: the only state Nucleus keeps.
 
-Every artifact is written to a temporary path and renamed into place, so a crash or `kill -9`
-at any moment leaves either the old artifact or the new one, never half of one. `meta.json`
+Every artifact is written by rename (`pipeline.atomic`), so a crash or `kill -9` at any moment
+leaves either the old artifact or the new one, never half of one. `meta.json`
 records, per finished stage, the hash of each config section the stage depends on; a later
 command whose config changes one of those sections is stopped (unless `--force`), naming the
 stale stage.
@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
-import os
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline import __version__
+from pipeline.atomic import (TMP_PREFIX, atomic_path, atomic_write_bytes,  # noqa: F401
+                             atomic_write_json, atomic_write_text, read_json, remove_path)
 from pipeline.config import NucleusConfig, section_hash, to_yaml
 from pipeline.errors import UserError
-
-TMP_PREFIX = ".tmp-"
 
 # Stages in pipeline order; redoing one makes the records of those after it stale.
 STAGE_ORDER = ("index", "nucleate", "train", "explore")
@@ -33,63 +29,6 @@ STAGE_ORDER = ("index", "nucleate", "train", "explore")
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write a file or directory; renamed to `path` on success.
-
-    A directory that already exists at `path` is replaced: the old one is moved aside first and
-    removed after the rename, so a crash in between leaves a complete copy of one of them.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f"{TMP_PREFIX}old-{path.name}.{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _remove(old)
-    else:
-        os.replace(tmp, path)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        p.unlink(missing_ok=True)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 class Workspace:
@@ -139,7 +78,7 @@ class Workspace:
     def clean_temporaries(self) -> None:
         """Remove what a killed process left half-written (temp files never count as output)."""
         for p in self.root.rglob(f"{TMP_PREFIX}*"):
-            _remove(p)
+            remove_path(p)
 
     # ----------------------------------------------------------------- config
     def stored_config(self) -> dict[str, Any] | None:

@@ -95,7 +95,7 @@ def embed_in_shards(embedder: Embedder, texts: list[str], shard_dir: Path, shard
     """
     from tqdm.auto import tqdm
 
-    from pipeline.workspace import atomic_path
+    from pipeline.atomic import atomic_path
 
     n = len(texts)
     n_shards = (n + shard_size - 1) // shard_size

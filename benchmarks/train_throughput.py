@@ -1,0 +1,171 @@
+"""Training throughput: Nucleus's loop against a plain Hugging Face `Trainer`, side by side.
+
+Same model (a scratch preset built from config, same init), same packed blocks, same batch,
+same optimizer (AdamW, cosine schedule, warm-up, clipping), same number of steps; arms run
+alternately, each on a fresh copy of the model. Three arms:
+
+  hf_trainer         transformers.Trainer over the blocks (what a user would write)
+  nucleus_uniform    pipeline.trainer.fit with the uniform block sampler
+  nucleus_community  pipeline.trainer.fit with the community-traversal sampler
+
+Reports tokens/s per arm, the ratios nucleus/hf and community/uniform, and on GPU the model
+FLOPs utilisation (MFU: 6*N + 12*L*d*T FLOPs per token against the bf16 dense peak).
+
+    python benchmarks/train_throughput.py --data ../shared/data/wikitext-2/train.txt \
+        --preset tiny --steps 30 --batch-size 16 --block-size 128           # CPU
+    python benchmarks/train_throughput.py --data .device/wikitext-2/train.txt \
+        --preset small --steps 200 --batch-size 64 --block-size 512 --repeats 3   # H100, bf16
+
+Topics for the community sampler are groups of `--articles-per-topic` consecutive articles
+joined in a ring-plus-chords graph: a sampler's cost depends on the number of topics and
+blocks, not on what the topics mean, and this keeps the script free of FAISS (absent on the
+GPU image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from curriculum.samplers import make_sampler  # noqa: E402
+from pipeline.lm_data import pack_by_topic, tokenize  # noqa: E402
+from pipeline.model import build_scratch_model, count_parameters, train_tokenizer  # noqa: E402
+from pipeline.trainer import FitSettings, fit  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
+
+
+def load_articles(path: Path, limit: int | None) -> list[str]:
+    import re
+
+    lines = path.read_text(encoding="utf-8").split("\n")
+    title = re.compile(r"^ = [^=].* = $")
+    starts = [i for i, l in enumerate(lines) if title.match(l) and (i == 0 or not lines[i - 1].strip())
+              and (i + 1 >= len(lines) or not lines[i + 1].strip())]
+    starts.append(len(lines))
+    arts = ["\n".join(l.strip() for l in lines[a:b] if l.strip()) for a, b in zip(starts, starts[1:])]
+    return arts[:limit] if limit else arts
+
+
+def ring_graph(n: int) -> dict[int, list[int]]:
+    """Each topic joined to its ring neighbours and one chord: every topic has degree 3-4."""
+    adj = {t: {(t - 1) % n, (t + 1) % n, (t + n // 2) % n} - {t} for t in range(n)}
+    return {t: sorted(v) for t, v in adj.items()}
+
+
+def flops_per_token(model, block: int) -> float:
+    cfg = model.config
+    n = count_parameters(model) - cfg.vocab_size * cfg.hidden_size  # tied embedding counted once
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * block
+
+
+def run_hf(model, blocks, args, device, bf16: bool) -> float:
+    from transformers import Trainer, TrainingArguments
+
+    class BlockDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(blocks)
+
+        def __getitem__(self, i):
+            ids, mask = blocks.tokens[i], blocks.mask[i]
+            return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+
+    targs = TrainingArguments(
+        output_dir="/tmp/nucleus-bench-hf", per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup, weight_decay=0.01,
+        max_grad_norm=1.0, adam_beta2=0.95, bf16=bf16, logging_strategy="no", save_strategy="no",
+        report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=device.type == "cpu")
+    trainer = Trainer(model=model, args=targs, train_dataset=BlockDataset())
+    t0 = time.perf_counter()
+    trainer.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph) -> float:
+    settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
+                           eval_every=10**9, checkpoint_every=10**9, log_every=10**9,
+                           autocast_dtype=torch.bfloat16 if bf16 else None)
+    make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, 0))  # noqa: E731
+    model.to(device)
+    t0 = time.perf_counter()
+    fit(model, blocks, make, settings, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--articles", type=int, default=None)
+    p.add_argument("--articles-per-topic", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda"
+    articles = load_articles(args.data, args.articles)
+    tok = train_tokenizer(articles, args.vocab_size)
+    ids = tokenize(tok, articles)
+    topics = [i // args.articles_per_topic for i in range(len(articles))]
+    blocks = pack_by_topic(ids, topics, args.block_size, tok.pad_token_id)
+    graph = ring_graph(max(topics) + 1)
+    base = build_scratch_model(tok, args.preset, seed=0)
+    tokens_per_step = args.batch_size * args.block_size
+    print(f"device={device} preset={args.preset} params={count_parameters(base):,} blocks={len(blocks)} "
+          f"topics={max(topics) + 1} batch={args.batch_size}x{args.block_size} steps={args.steps}", flush=True)
+
+    arms = {
+        "hf_trainer": lambda m: run_hf(m, blocks, args, device, bf16),
+        "nucleus_uniform": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph),
+        "nucleus_community": lambda m: run_nucleus(m, blocks, args, device, bf16, "community", graph),
+    }
+    for fn in arms.values():  # warm-up: kernels, allocator, tokenizer caches
+        fn(copy.deepcopy(base))
+    rates: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(args.repeats):
+        order = list(arms) if r % 2 == 0 else list(reversed(arms))  # alternate to cancel drift
+        for name in order:
+            seconds = arms[name](copy.deepcopy(base))
+            rates[name].append(args.steps * tokens_per_step / seconds)
+            print(f"  repeat {r} {name:<18} {rates[name][-1]:>12,.0f} tokens/s", flush=True)
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {"device": torch.cuda.get_device_name() if bf16 else "cpu", "preset": args.preset,
+           "params": count_parameters(base), "batch": args.batch_size, "block": args.block_size,
+           "steps": args.steps, "repeats": args.repeats, "tokens_per_s": med,
+           "ratio_nucleus_vs_hf": med["nucleus_uniform"] / med["hf_trainer"],
+           "ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"]}
+    if bf16:
+        name = out["device"]
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak:
+            fpt = flops_per_token(base, args.block_size)
+            out["mfu"] = {k: v * fpt / peak for k, v in med.items()}
+            out["peak_flops_assumed"] = peak
+    print(json.dumps(out, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
