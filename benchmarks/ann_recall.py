@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -201,6 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
     from retrieval import ann
 
+    load_before = os.getloadavg()  # this box may be shared: record how busy it was
     vecs, meta = load_vectors(args.vectors)
     n_p = meta["passages"]
     heldout = np.asarray(meta["heldout"])
@@ -263,6 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
     out = {"benchmark": "ann_recall", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "host": platform.node(), "faiss": faiss.__version__, "threads": faiss.omp_get_max_threads(),
+           "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
            "n_base": n, "dim": dim, "k": k, "queries": {name: len(q) for name, q in qsets.items()},
            "single_queries": len(single_q), "auto_factory": auto,
            "vectors_meta": {key: v for key, v in meta.items() if key not in ("heldout", "parts")},

@@ -28,6 +28,7 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The temp dir's removal happens inside the timed call above; it is part of the cost of a
     # run that leaves no files behind, and is small (n x dim x 4 bytes).
+    load_before = os.getloadavg()  # this box may be shared: record how busy it was
     warm = texts[:args.warmup_passages or min(n, 8 * args.batch_size)]
     for fn in (run_bare, run_nucleus):
         fn(warm)
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": platform.node(),
         "cpu_threads": torch.get_num_threads(),
+        "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.yamlfile import read_yaml
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -212,15 +213,5 @@ def validate_seed_graph(data: dict[str, Any], source: str) -> SeedGraph:
 def load_seed_graph(path: Path) -> SeedGraph:
     """Read and validate a seed-graph YAML file; `UserError` naming the file lists every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"seed graph file '{path}' does not exist (or is not a file).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"seed graph file '{path}' is not valid YAML{where}: {problem}.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"seed graph file '{path}' is not UTF-8 text (byte offset {e.start}).") from None
+    data = read_yaml(path, what="seed graph file")
     return validate_seed_graph({} if data is None else data, f"file '{path}'")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.yamlfile import read_yaml
 
 BUILTIN_CORPUS = "builtin:wikitext2-sample"
 
@@ -65,7 +66,7 @@ class CorpusConfig(Section):
         try:
             codecs.lookup(v)
         except LookupError:
-            raise ValueError(f"is not an encoding Python knows (e.g. utf-8, latin-1)") from None
+            raise ValueError("is not an encoding Python knows (e.g. utf-8, latin-1)") from None
         return v
 
 
@@ -154,7 +155,7 @@ class ModelConfig(Section):
     base: str = "scratch"
     """`scratch` (BPE tokenizer + Llama-style model built here) or a local Hugging Face causal LM path/id."""
     size: Literal["tiny", "small", "base"] = "tiny"
-    """Preset for `scratch`: tiny (~0.4M params, CPU tests), small (~17M), base (~110M)."""
+    """Preset for `scratch`: tiny (~0.4M params, CPU tests), small (~12M), base (~88M; ~98M at vocab 16384)."""
     vocab_size: int = Field(default=4096, ge=300)
     """BPE vocabulary size for `scratch` (byte-level: 256 bytes + merges + specials)."""
     trust_remote_code: bool = False
@@ -261,17 +262,7 @@ class NucleusConfig(Section):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"config file '{path}' does not exist (or is not a file).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"config file '{path}' is not valid YAML{where}: {problem}.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file '{path}' is not UTF-8 text (byte offset {e.start}).") from None
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

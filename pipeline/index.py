@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from pipeline import __version__
 from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import UserError
-from pipeline.workspace import Workspace, atomic_path, atomic_write_json, read_json
+from pipeline.atomic import atomic_path, atomic_write_json, read_json
+from pipeline.workspace import Workspace
 from retrieval import ann
 from retrieval.chunking import chunk_documents, embedding_text
 from retrieval.corpus import CorpusSpec, load_documents

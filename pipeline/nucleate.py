@@ -17,7 +17,8 @@ from pipeline import index as index_stage
 from pipeline.config import NucleusConfig
 from pipeline.errors import UserError
 from pipeline.retrieve import open_retriever
-from pipeline.workspace import Workspace, atomic_write_json, atomic_write_text, read_json
+from pipeline.atomic import atomic_write_json, atomic_write_text, read_json
+from pipeline.workspace import Workspace
 from retrieval.graph import TopicGraph
 
 log = logging.getLogger("nucleus.nucleate")

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from pipeline.config import NucleusConfig
 from pipeline.errors import UserError
-from pipeline.workspace import Workspace, read_json
+from pipeline.atomic import read_json
+from pipeline.workspace import Workspace
 from retrieval.embed import get_embedder
 from retrieval.search import Retriever
 

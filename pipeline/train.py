@@ -31,7 +31,8 @@ from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts
 from pipeline.model import (build_scratch_model, context_length, count_parameters, load_pretrained,
                             resolve_device, save_base, train_tokenizer)
 from pipeline.trainer import FitSettings, fit
-from pipeline.workspace import Workspace, atomic_path, atomic_write_json, now, read_json
+from pipeline.atomic import atomic_path, atomic_write_json, read_json
+from pipeline.workspace import Workspace, now
 
 log = logging.getLogger("nucleus.train")
 

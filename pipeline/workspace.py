@@ -18,8 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline import __version__
-from pipeline.atomic import (TMP_PREFIX, atomic_path, atomic_write_bytes,  # noqa: F401
-                             atomic_write_json, atomic_write_text, read_json, remove_path)
+from pipeline.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text, read_json, remove_path
 from pipeline.config import NucleusConfig, section_hash, to_yaml
 from pipeline.errors import UserError
 

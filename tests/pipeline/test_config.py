@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (NucleusConfig, load_config_file, parse_set, resolve_config,
+from pipeline.config import (NucleusConfig, Section, load_config_file, parse_set, resolve_config,
                              section_hash, to_yaml)
 from pipeline.errors import UserError
 
@@ -23,16 +23,18 @@ def test_every_shipped_yaml_loads_and_starts_with_its_command(path):
     assert path.read_text().startswith("# nucleus "), f"{path} must start with the command that uses it"
 
 
-def test_every_field_has_a_docstring():
-    def walk(model, prefix=""):
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, NucleusConfig.__mro__[1]):
-                yield from walk(ann, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}", field.description
+def config_fields(model=NucleusConfig, prefix=""):
+    """(dotted key, docstring) of every leaf field of the config."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            yield from config_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field.description
 
-    missing = [name for name, doc in walk(NucleusConfig) if not doc]
+
+def test_every_field_has_a_docstring():
+    missing = [name for name, doc in config_fields() if not doc]
     assert missing == []
 
 
@@ -96,14 +98,5 @@ def test_section_hash_changes_only_with_its_section():
 
 def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
-
-    def keys(model, prefix=""):
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, NucleusConfig.__mro__[1]):
-                yield from keys(ann, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}"
-
-    missing = [k for k in keys(NucleusConfig) if f"`{k}`" not in readme]
+    missing = [k for k, _ in config_fields() if f"`{k}`" not in readme]
     assert missing == [], "README's configuration reference is out of date"

@@ -6,7 +6,6 @@ import sys
 import time
 
 import datasets
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch

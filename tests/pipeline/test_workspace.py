@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.config import resolve_config
 from pipeline.errors import UserError
-from pipeline.workspace import TMP_PREFIX, Workspace, atomic_path, atomic_write_json
+from pipeline.atomic import TMP_PREFIX, atomic_path, atomic_write_json
+from pipeline.workspace import Workspace
 
 
 def test_atomic_path_keeps_old_directory_when_writing_fails(tmp_path):
