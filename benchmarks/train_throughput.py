@@ -39,19 +39,14 @@ from curriculum.samplers import make_sampler  # noqa: E402
 from pipeline.lm_data import pack_by_topic, tokenize  # noqa: E402
 from pipeline.model import build_scratch_model, count_parameters, train_tokenizer  # noqa: E402
 from pipeline.trainer import FitSettings, fit  # noqa: E402
+from retrieval.corpus import split_wikitext_articles  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
 def load_articles(path: Path, limit: int | None) -> list[str]:
-    import re
-
-    lines = path.read_text(encoding="utf-8").split("\n")
-    title = re.compile(r"^ = [^=].* = $")
-    starts = [i for i, l in enumerate(lines) if title.match(l) and (i == 0 or not lines[i - 1].strip())
-              and (i + 1 >= len(lines) or not lines[i + 1].strip())]
-    starts.append(len(lines))
-    arts = ["\n".join(l.strip() for l in lines[a:b] if l.strip()) for a, b in zip(starts, starts[1:])]
+    """WikiText articles as training texts: the title line, then the body."""
+    arts = [f"{t}\n{b}" for t, b in split_wikitext_articles(path.read_text(encoding="utf-8"))]
     return arts[:limit] if limit else arts
 
 

@@ -15,10 +15,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # imported lazily: split_wikitext_articles must work without `datasets`
+    import datasets
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
@@ -139,6 +141,8 @@ def _text_documents(path: Path, spec: CorpusSpec) -> Iterator[dict]:
 
 
 def _table_documents(path: Path, fmt: str, spec: CorpusSpec, cache_dir: Path | None) -> datasets.Dataset:
+    import datasets
+
     if fmt == "datasets":
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -179,6 +183,8 @@ def _rows_to_documents(ds: datasets.Dataset, path: Path, spec: CorpusSpec) -> It
 
 def load_documents(spec: CorpusSpec, cache_dir: Path | None = None) -> datasets.Dataset:
     """All documents of the corpus as one Dataset with columns doc_id, title, text."""
+    import datasets
+
     docs: list[dict] = []
     for path in resolve_paths(spec.paths):
         fmt = detect_format(path, spec.format)
