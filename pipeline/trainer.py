@@ -152,13 +152,23 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     if replay_sampler is not None:
         _skip(replay_sampler, step * s.grad_accum)
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    # Blocks live on the device for the whole fit: a batch is then one gather, with no host
+    # copy per step. Token counts come from a host-side copy of the mask, so no step waits for
+    # the GPU just to count tokens.
+    tokens_on = (blocks.tokens.to(device), blocks.mask.to(device))
+    replay_on = (replay.tokens.to(device), replay.mask.to(device)) if n_replay else None
+    block_len = blocks.mask.sum(1).numpy()
+    replay_len = replay.mask.sum(1).numpy() if n_replay else None
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor, int]:
         idx = next(sampler)[: s.batch_size - n_replay]
-        ids, mask = blocks.tokens[idx], blocks.mask[idx]
+        ids, mask = tokens_on[0][idx], tokens_on[1][idx]
+        n = int(block_len[idx].sum())
         if replay_sampler is not None:
             r = next(replay_sampler)[:n_replay]
-            ids, mask = torch.cat([ids, replay.tokens[r]]), torch.cat([mask, replay.mask[r]])
-        return ids, mask
+            ids, mask = torch.cat([ids, replay_on[0][r]]), torch.cat([mask, replay_on[1][r]])
+            n += int(replay_len[r].sum())
+        return ids, mask, n
 
     autocast = (torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
     model.train()
@@ -169,15 +179,14 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     t0, tokens_at_t0 = time.perf_counter(), tokens
     while step < s.steps:
         for _ in range(s.grad_accum):
-            ids, mask = next_batch()
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            ids, mask, n_tokens = next_batch()
             labels = ids.masked_fill(~mask, -100)
             with autocast:
                 loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
             (loss / s.grad_accum).backward()
             recent_loss += loss.detach()
             recent_n += 1
-            tokens += int(mask.sum())
+            tokens += n_tokens
         if s.grad_topk is not None:
             sparsify_gradients(params, s.grad_topk)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
