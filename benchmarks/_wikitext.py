@@ -1,8 +1,7 @@
-"""WikiText-2 articles for the benchmarks, without importing `datasets`.
+"""WikiText-2 articles and section headings for the benchmarks, as `nucleus index` reads them.
 
-`retrieval.corpus` imports `datasets` at module level, and the GPU machine has no `datasets`,
-so the benchmarks use `retrieval.corpus.split_wikitext_articles` where it imports and an exact
-copy of its logic (kept below) where it does not.
+Imports nothing heavy: `retrieval.corpus` loads `datasets` only when a table format needs it,
+so this also runs on the GPU image, which has no `datasets`.
 """
 
 from __future__ import annotations
@@ -12,40 +11,19 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = Path("/work/shared/data/wikitext-2")
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "wikitext-2"  # the shared/ beside the checkout
 
 # A benchmark run from a plain checkout (the GPU machine: nothing installed) must still find
 # `retrieval` and `pipeline`.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# Same pattern as retrieval.corpus._TITLE: ` = Title = `, but not ` = = Section = = `.
+from retrieval.corpus import split_wikitext_articles  # noqa: E402 (needs the sys.path line above)
+
+# Same patterns as retrieval.corpus: ` = Title = ` (not ` = = Section = = `), and sections.
 _TITLE = re.compile(r"^ = ([^=].*) = $")
 _SECTION = re.compile(r"^ = = ([^=].*) = = $")
-
-
-def _split_wikitext_articles_copy(text: str) -> list[tuple[str, str]]:
-    """Copy of retrieval.corpus.split_wikitext_articles (titles between blank lines)."""
-    lines = text.split("\n")
-    starts = [i for i, line in enumerate(lines)
-              if _TITLE.match(line) and (i == 0 or not lines[i - 1].strip())
-              and (i + 1 >= len(lines) or not lines[i + 1].strip())]
-    articles = []
-    for n, start in enumerate(starts):
-        end = starts[n + 1] if n + 1 < len(starts) else len(lines)
-        title = _TITLE.match(lines[start]).group(1).strip()
-        body = "\n".join(line.strip() for line in lines[start + 1:end] if line.strip())
-        if body:
-            articles.append((title, body))
-    return articles
-
-
-try:  # the project's own splitter where its module imports (needs `datasets`)
-    from retrieval.corpus import split_wikitext_articles
-    SPLITTER = "retrieval.corpus.split_wikitext_articles"
-except ImportError:
-    split_wikitext_articles = _split_wikitext_articles_copy
-    SPLITTER = "benchmarks/_wikitext.py copy of split_wikitext_articles"
+SPLITTER = "retrieval.corpus.split_wikitext_articles"
 
 
 def resolve_split(name_or_path: str, data_dir: Path = DEFAULT_DATA_DIR) -> Path:

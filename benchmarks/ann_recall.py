@@ -1,6 +1,7 @@
 """ANN recall and latency of Nucleus's FAISS indexes against exact search, on real embeddings.
 
-Two steps, because the GPU machine has no faiss and this one embeds ~100 passages/s:
+Two steps, because the GPU machine has no faiss and this 2-core box embeds only ~60-80
+short passages/s (130k would take about half an hour):
 
   embed  chunk WikiText-2 (train+valid+test) into ~32-token passages with
          retrieval.chunking.chunk_documents, embed them (plus section-heading queries) with
@@ -13,11 +14,12 @@ Two steps, because the GPU machine has no faiss and this one embeds ~100 passage
          exact IndexFlatIP search, ms/query in batch and one query at a time, and a
          nprobe / efSearch sweep. Searches go through retrieval.ann.search, as Nucleus does.
 
-    # on the GPU machine (no faiss needed):
-    python benchmarks/ann_recall.py embed --device cuda --model .device/minilm-fp16 --out $OUT/vec
+    # on the GPU machine (no faiss needed; see README.md for .device/ and /tmp/wt2):
+    python benchmarks/ann_recall.py embed --device cuda --model .device/minilm-fp16 \
+        --data-dir /tmp/wt2 --out $OUT/vec
     # here, on CPU:
-    python benchmarks/ann_recall.py bench --vectors /path/to/vec --extra-factories IVF2048,SQ8 \
-        --json-out ann.json
+    python benchmarks/ann_recall.py bench --vectors /path/to/vec \
+        --extra-factories IVF2048,SQ8 IVF1024,Flat --json-out ann.json
 """
 
 from __future__ import annotations
