@@ -94,8 +94,9 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     ws.require("nucleate", "train")
     nb = resolve_neighborhood(ws, neighborhood or NUCLEUS, topics, force)
     if nb.id != NUCLEUS and not ws.is_complete("train"):
-        raise UserError(f"train: the nucleus of '{ws.root}' is not trained yet, and neighbourhood "
-                        f"'{nb.id}' trains on top of it. Run `nucleus train --run-dir {ws.root}` first.")
+        # Every adapter trains on top of the nucleus-trained base: make it first.
+        log.info("train %s: the nucleus is not trained yet; training it first", nb.id)
+        run(cfg, ws, NUCLEUS, resume=resume)
     done = _finished(cfg, ws, nb)
     if done is not None and not force:
         return done

@@ -183,3 +183,14 @@ def test_topk_sparsification_keeps_the_largest_fraction():
     sparsify_gradients([p], 0.1)
     kept = p.grad.flatten()[p.grad.flatten() != 0]
     assert sorted(kept.abs().tolist()) == [float(v) for v in range(91, 101)]
+
+
+def test_a_neighbourhood_before_the_nucleus_trains_the_nucleus_first(small_run_copy):
+    from pipeline import nucleate
+
+    ws = Workspace(small_run_copy)
+    cfg = _cfg(ws, *TRAIN_SETS, "train.nucleus_steps=4", "lora.steps=4")
+    nucleate.run(cfg, ws)
+    result = train.run(cfg, ws, "topic-1")
+    assert ws.is_complete("train") and (small_run_copy / "model" / "base" / "model.safetensors").is_file()
+    assert result.neighborhood == "topic-1" and (small_run_copy / "adapters" / "topic-1").is_dir()
