@@ -236,10 +236,16 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
 
     metrics_file = ws.logs_dir / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    board = _tensorboard(ws, nb.id) if t.tensorboard else None
 
     def log_metrics(row: dict) -> None:
         with open(metrics_file, "a") as f:
             f.write(json.dumps({"nb": nb.id, "time": now(), **row}) + "\n")
+        if board is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, row["step"])
+            board.flush()
 
     steps = t.nucleus_steps if kind == "full" else cfg.lora.steps
     settings = FitSettings(
@@ -259,6 +265,15 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
                        seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
                        trainable_params=count_parameters(model, trainable_only=True),
                        metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from)
+
+
+def _tensorboard(ws: Workspace, nb_id: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard: true needs the tensorboard package (pip install tensorboard); "
+                        "metrics are always in logs/metrics.jsonl.") from None
+    return SummaryWriter(str(ws.logs_dir / "tb" / nb_id))
 
 
 # ------------------------------------------------------------------------------- save

@@ -6,6 +6,7 @@ import sys
 import time
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -194,3 +195,49 @@ def test_a_neighbourhood_before_the_nucleus_trains_the_nucleus_first(small_run_c
     result = train.run(cfg, ws, "topic-1")
     assert ws.is_complete("train") and (small_run_copy / "model" / "base" / "model.safetensors").is_file()
     assert result.neighborhood == "topic-1" and (small_run_copy / "adapters" / "topic-1").is_dir()
+
+
+def test_replay_mixes_nucleus_blocks_into_every_adapter_batch():
+    """fit() with replay: each batch holds round(fraction * batch) replay blocks (real tiny model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.lm_data import Blocks
+    from pipeline.trainer import FitSettings, fit
+    from curriculum.samplers import UniformSampler
+
+    def blocks(token, n):
+        return Blocks(torch.full((n, 8), token), torch.ones(n, 8, dtype=torch.bool), np.zeros(n, dtype=np.int64))
+
+    seen = []
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    forward = model.forward
+    model.forward = lambda **kw: seen.append(kw["input_ids"][:, 0].tolist()) or forward(**kw)
+    settings = FitSettings(steps=3, lr=1e-3, batch_size=8, replay_fraction=0.25, log_every=1)
+    result = fit(model, blocks(5, 20), lambda: iter(UniformSampler(np.zeros(20, dtype=np.int64), 8)),
+                 settings, torch.device("cpu"), replay=blocks(7, 10),
+                 make_replay_sampler=lambda: iter(UniformSampler(np.zeros(10, dtype=np.int64), 8, seed=1)))
+    assert [sorted(batch) for batch in seen] == [[5] * 6 + [7] * 2] * 3
+    assert result.tokens == 3 * 8 * 8
+
+
+def test_community_sampler_and_replay_train_an_adapter(trained_run_copy):
+    ws = Workspace(trained_run_copy)
+    cfg = _cfg(ws, "train.sampler=community", "train.community_k=1", "lora.replay_fraction=0.25", "lora.steps=10")
+    result = train.run(cfg, ws, "topic-2")
+    assert result.steps == 10 and result.metrics["nb/topic-2/ppl"] < result.metrics_before["nb/topic-2/ppl"]
+    rows = [json.loads(line) for line in (trained_run_copy / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["nb"] == "topic-2" and "train/loss" in r for r in rows)
+
+
+def test_tensorboard_logs_or_says_what_is_missing(trained_run_copy):
+    import importlib.util
+
+    ws = Workspace(trained_run_copy)
+    cfg = _cfg(ws, "train.tensorboard=true", "lora.steps=2")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(UserError, match="needs the tensorboard package"):
+            train.run(cfg, ws, "topic-2")
+    else:
+        train.run(cfg, ws, "topic-2")
+        assert list((trained_run_copy / "logs" / "tb" / "topic-2").glob("events.out.tfevents.*"))
