@@ -11,17 +11,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.config import NucleusConfig, Section  # noqa: E402
+from pipeline.config import config_fields  # noqa: E402
 
 
-def rows(model=NucleusConfig, prefix=""):
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, Section):
-            yield from rows(ann, f"{prefix}{name}.")
-        else:
-            default = field.default if isinstance(field.default, str) else json.dumps(field.default)
-            yield f"| `{prefix}{name}` | `{default}` | {field.description} |"
+def rows():
+    for key, field in config_fields():
+        default = field.default if isinstance(field.default, str) else json.dumps(field.default)
+        yield f"| `{key}` | `{default}` | {field.description} |"
 
 
 readme = ROOT / "README.md"

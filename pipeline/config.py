@@ -258,6 +258,16 @@ class NucleusConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
+def config_fields(model: type[BaseModel] = NucleusConfig, prefix: str = ""):
+    """(dotted key, field info) of every leaf key of the config, in declaration order."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            yield from config_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
 # --------------------------------------------------------------------------- loading
 
 
