@@ -1,4 +1,4 @@
-"""Neighbourhoods: named sets of topics (plus optional extra passages) that train as one adapter.
+"""Neighbourhoods: named sets of topics (and optionally their exact passages) that train as one adapter.
 
 Definitions live in `neighborhoods/<nb-id>.json` of the run directory. Ids become directory
 names (`adapters/<nb-id>/`), so they are checked to be safe file names.
@@ -26,7 +26,8 @@ def check_nb_id(nb_id: str) -> str:
 
 @dataclass
 class Neighborhood:
-    """A set of topics trained together; `passage_ids` adds passages beyond the topics' own."""
+    """A set of topics trained together. `passage_ids`, when given, are exactly the passages it
+    trains on (an expanded neighbourhood); otherwise it trains on its topics' passages."""
 
     id: str
     topics: list[int]

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from pipeline import explore as explore_stage
 from pipeline import index as index_stage
 from pipeline import nucleate as nucleate_stage
 from pipeline import retrieve as retrieve_stage
@@ -31,10 +32,11 @@ STAGES: dict[str, Callable[..., Any]] = {
     "index": index_stage.run,
     "nucleate": nucleate_stage.run,
     "train": train_stage.run,
+    "explore": explore_stage.run,
     "retrieve": retrieve_stage.run,
 }
 # Commands whose stage is not built yet -> the issue that builds it.
-NOT_BUILT: dict[str, int] = {"explore": 4, "run": 4, "report": 4,
+NOT_BUILT: dict[str, int] = { "run": 4, "report": 4,
                              "worker": 5, "adapters": 6}
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -198,6 +200,28 @@ def train(run_dir: RunDir,
         with _stage("train", run_dir, config, set_, force) as (cfg, ws):
             result = STAGES["train"](cfg, ws, neighborhood, _topic_list(topics), resume=resume, force=force)
         _emit(result.to_json(), json_, _train_human)
+
+
+def _explore_human(r: dict) -> str:
+    lines = [f"{r['rounds_done']} rounds done; {len(r['neighborhoods'])} neighbourhoods explored"]
+    for nb in r["neighborhoods"]:
+        lines.append(f"  round {nb['round']}: {nb['nb_id']:<12} topics {nb['topics']}  {nb['passages']} passages  "
+                     f"learning progress {nb['progress']:+.4f}/1k tok  forgetting {nb['forgetting']:+.4f}")
+    if r["spearman_rho"] == r["spearman_rho"]:  # not nan
+        lines.append(f"curiosity model: Spearman rho(predicted, realised progress) = {r['spearman_rho']:.3f}")
+    if r["message"]:
+        lines.append(r["message"])
+    return "\n".join(lines)
+
+
+@app.command()
+def explore(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False,
+            force: ForceOpt = False):
+    """Explore: score the frontier, train the most promising neighbourhoods, learn from the progress."""
+    with _guard():
+        with _stage("explore", run_dir, config, set_, force) as (cfg, ws):
+            result = STAGES["explore"](cfg, ws)
+        _emit(result.to_json(), json_, _explore_human)
 
 
 def _hits_human(hits: list[dict]) -> str:

@@ -234,6 +234,34 @@ class LoraConfig(Section):
     """Modules that get LoRA: `all-linear` or a list of module names."""
 
 
+class ExploreConfig(Section):
+    rounds: int = Field(default=2, ge=0)
+    """Exploration rounds after the nucleus (0 = stop after the nucleus)."""
+    per_round: int = Field(default=2, ge=1)
+    """Neighbourhoods proposed and trained per round."""
+    k: int = Field(default=1, ge=0)
+    """Graph neighbours sampled into each proposal besides its frontier topic."""
+    max_passages: int = Field(default=300, ge=1)
+    """Cap on a neighbourhood's training passages (closest to its centroids kept)."""
+    hits_per_query: int = Field(default=16, ge=1)
+    """Passages retrieved around each centroid and keyword query of a proposal."""
+    policy: str = "learned"
+    """Curiosity policy: learned, learning_progress, max_loss, nearest or random."""
+    ucb_beta: float = Field(default=1.0, ge=0.0)
+    """Exploration bonus of the `learned` policy (posterior standard deviations)."""
+    probe_passages: int = Field(default=8, ge=1)
+    """Training passages per frontier topic whose loss gives its surprise features."""
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from curriculum.curiosity import POLICIES
+
+        if v not in POLICIES:
+            raise ValueError(f"must be one of {sorted(POLICIES)}.{did_you_mean(v, POLICIES)}")
+        return v
+
+
 class RetrieveConfig(Section):
     k: int = Field(default=10, ge=1)
     """Passages returned per query."""
@@ -256,6 +284,7 @@ class NucleusConfig(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
+    explore: ExploreConfig = ExploreConfig()
 
 
 def config_fields(model: type[BaseModel] = NucleusConfig, prefix: str = ""):

@@ -79,11 +79,12 @@ class RunData:
         return cls(datasets.load_from_disk(str(ws.corpus_dir)), np.asarray(table["topic_id"]),
                    np.asarray(table["split"]) == "heldout")
 
-    def train_rows(self, topics: list[int], extra: list[int] = ()) -> list[int]:
-        """Train-split passages of `topics`, plus extra passages (never held-out ones)."""
-        rows = set(np.flatnonzero(np.isin(self.topic_of, topics) & ~self.heldout).tolist())
-        rows |= {int(p) for p in extra if not self.heldout[int(p)]}
-        return sorted(rows)
+    def train_rows(self, topics: list[int], passages: list[int] = ()) -> list[int]:
+        """The given passages when there are any (an expanded neighbourhood), else the train-split
+        passages of `topics`; held-out passages never."""
+        if passages:
+            return sorted({int(p) for p in passages if not self.heldout[int(p)]})
+        return np.flatnonzero(np.isin(self.topic_of, topics) & ~self.heldout).tolist()
 
     def heldout_rows(self) -> list[int]:
         return np.flatnonzero(self.heldout).tolist()

@@ -1,0 +1,66 @@
+"""The curriculum ledger (`ledger.sqlite`): every proposal of every round and what it yielded.
+
+Written by the orchestrator only (one process), read by reports. A proposal is recorded before
+its neighbourhood trains, so an interrupted round is resumed with the same proposals.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS proposals (
+    round INTEGER NOT NULL,
+    nb_id TEXT PRIMARY KEY,
+    topic INTEGER NOT NULL,
+    topics TEXT NOT NULL,            -- JSON list of topic ids
+    passages INTEGER NOT NULL,
+    score REAL,                      -- the policy's score when it chose this topic
+    predicted REAL,                  -- predicted learning progress (learned policy), else NULL
+    features TEXT NOT NULL,          -- JSON list, curiosity.FEATURES order
+    status TEXT NOT NULL DEFAULT 'proposed',   -- proposed | done
+    progress REAL,                   -- realised learning progress (loss drop per 1k tokens)
+    forgetting REAL,                 -- change of the nucleus's held-out loss under the adapter
+    tokens INTEGER,
+    loss_before REAL,
+    loss_after REAL
+);
+"""
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def propose(self, round_: int, nb_id: str, topic: int, topics: list[int], passages: int, score: float,
+                predicted: float | None, features: list[float]) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO proposals (round, nb_id, topic, topics, passages, score, predicted,"
+                       " features) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round_, nb_id, topic, json.dumps(topics), passages, score, predicted, json.dumps(features)))
+
+    def finish(self, nb_id: str, progress: float, forgetting: float, tokens: int, loss_before: float,
+               loss_after: float) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE proposals SET status='done', progress=?, forgetting=?, tokens=?, loss_before=?,"
+                       " loss_after=? WHERE nb_id=?", (progress, forgetting, tokens, loss_before, loss_after, nb_id))
+
+    def proposals(self, round_: int | None = None) -> list[dict]:
+        query, args = "SELECT * FROM proposals", ()
+        if round_ is not None:
+            query, args = query + " WHERE round=?", (round_,)
+        with self._connect() as db:
+            rows = [dict(r) for r in db.execute(query + " ORDER BY round, rowid", args)]
+        for r in rows:
+            r["topics"], r["features"] = json.loads(r["topics"]), json.loads(r["features"])
+        return rows

@@ -1,0 +1,222 @@
+"""`nucleus explore`: round after round, let curiosity pick what to learn next, and learn it.
+
+Each round: the frontier (unexplored topics next to explored ones) gets curiosity features;
+the policy picks `explore.per_round` topics; each becomes a proposal (the topic plus `k`
+sampled unexplored neighbours, its passages expanded by retrieval), is recorded in the ledger,
+trains as its own LoRA adapter, and its realised learning progress updates the policy.
+
+Resuming: a round's proposals are in the ledger before anything trains, and the policy's state
+at the start of the round is saved; a rerun replays the finished proposals' updates and trains
+only what is missing. Finished neighbourhoods are never trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from curriculum.curiosity import TopicFeatures, choose, frontier, learning_progress, make_policy, spearman
+from curriculum.curiosity import structural_features
+from curriculum.expansion import expand_passages, propose_topics
+from curriculum.ledger import Ledger
+from curriculum.neighborhood import NUCLEUS, Neighborhood
+from curriculum.nucleation import pagerank
+from pipeline import nucleate as nucleate_stage
+from pipeline import train as train_stage
+from pipeline.atomic import atomic_write_json, read_json
+from pipeline.config import NucleusConfig
+from pipeline.evaluate import passage_nll
+from pipeline.lm_data import make_eval_set
+from pipeline.model import load_pretrained, resolve_device
+from pipeline.retrieve import open_retriever
+from pipeline.workspace import Workspace
+
+log = logging.getLogger("nucleus.explore")
+
+SECTIONS = train_stage.SECTIONS  # `explore` itself may change between runs (more rounds, ...)
+
+
+@dataclass
+class ExploreResult:
+    rounds_done: int
+    neighborhoods: list[dict] = field(default_factory=list)
+    spearman_rho: float = float("nan")
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run(cfg: NucleusConfig, ws: Workspace) -> ExploreResult:
+    ws.require("nucleate", "explore")
+    if not ws.is_complete("train"):
+        log.info("explore: the nucleus is not trained yet; training it first")
+        train_stage.run(cfg, ws)
+    ledger = Ledger(ws.root / "ledger.sqlite")
+    state_file = ws.root / "explore" / "state.json"
+    state = read_json(state_file) if state_file.is_file() else {"rounds_done": 0, "policy": None}
+    policy = make_policy(cfg.explore.policy, seed=cfg.seed, beta=cfg.explore.ucb_beta)
+    if state["policy"]:
+        policy.load_state_dict(state["policy"])
+    ctx = _Context.load(cfg, ws)
+    message = ""
+    for round_ in range(state["rounds_done"], cfg.explore.rounds):
+        proposals = ledger.proposals(round_)
+        if not proposals:
+            proposals = _propose(cfg, ws, ctx, ledger, policy, round_)
+            if not proposals:
+                message = "every topic reachable from the nucleus is explored: nothing left on the frontier."
+                log.info("explore: %s", message)
+                break
+        for p in proposals:
+            _train_and_learn(cfg, ws, ledger, policy, p)
+        state = {"rounds_done": round_ + 1, "policy": policy.state_dict()}
+        atomic_write_json(state_file, state)  # the round is complete: its updates are in the policy
+    done = [p for p in ledger.proposals() if p["status"] == "done"]
+    pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
+    rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
+    ws.mark_complete("explore", cfg, SECTIONS, {"rounds_done": state["rounds_done"], "spearman_rho": rho})
+    return ExploreResult(state["rounds_done"], done, rho, message)
+
+
+# ---------------------------------------------------------------------------- context
+
+
+@dataclass
+class _Context:
+    """What proposals need from the run directory, loaded once per `explore`."""
+
+    data: train_stage.RunData
+    adjacency: dict[int, list[int]]
+    centrality: np.ndarray
+    centroids: np.ndarray
+    vectors: np.ndarray
+    sizes: np.ndarray
+    keywords: dict[int, list[str]]
+    nucleus: list[int]
+
+    @classmethod
+    def load(cls, cfg: NucleusConfig, ws: Workspace) -> "_Context":
+        graph = nucleate_stage.load_topic_graph(ws)
+        topics = read_json(ws.topics_dir / "topics.json")["topics"]
+        return cls(train_stage.RunData.load(ws), graph.adjacency(), pagerank(graph),
+                   np.load(ws.topics_dir / "centroids.npy"), np.load(ws.index_dir / "embeddings.npy"),
+                   np.array([t["size"] for t in topics]), {t["id"]: t["keywords"] for t in topics},
+                   nucleate_stage.load_neighborhood(ws, NUCLEUS).topics)
+
+
+def _explored(ws: Workspace, ctx: _Context) -> tuple[set[int], dict[str, list[int]]]:
+    """Explored topics and the explore adapters already trained ({nb id: topics})."""
+    adapters = {}
+    for path in sorted((ws.root / "neighborhoods").glob("*.json")):
+        nb = Neighborhood.from_json(read_json(path))
+        if nb.source == "explore" and (train_stage.adapter_dir(ws, nb.id) / "neighborhood.json").is_file():
+            adapters[nb.id] = nb.topics
+    return set(ctx.nucleus) | {t for ts in adapters.values() for t in ts}, adapters
+
+
+# -------------------------------------------------------------------------- proposals
+
+
+def _propose(cfg: NucleusConfig, ws: Workspace, ctx: _Context, ledger: Ledger, policy, round_: int) -> list[dict]:
+    explored, adapters = _explored(ws, ctx)
+    candidates = frontier(ctx.adjacency, explored)
+    if not candidates:
+        return []
+    feats = _features(cfg, ws, ctx, candidates, sorted(explored), adapters)
+    x = feats.matrix()
+    predicted = policy.predict(x)
+    rng = np.random.default_rng(cfg.seed * 1000 + round_)
+    unexplored_adj = {t: [n for n in ns if n not in explored] for t, ns in ctx.adjacency.items()}
+    retriever = open_retriever(cfg, ws)
+    taken: set[int] = set()
+    made = 0
+    for topic, score in choose(policy, candidates, x, len(candidates)):
+        if made == cfg.explore.per_round:
+            break
+        if topic in taken:  # already joined to an earlier proposal of this round
+            continue
+        made += 1
+        i = candidates.index(topic)
+        topics = sorted({topic} | {t for t in propose_topics(topic, unexplored_adj, cfg.explore.k, rng)
+                                   if t not in taken})
+        taken.update(topics)
+        passages = expand_passages(
+            topics, ctx.data.topic_of, ctx.data.heldout, ctx.vectors, ctx.centroids, ctx.keywords,
+            lambda q, k: retriever.search_vectors(q, k)[1], retriever.embedder.encode,
+            cfg.explore.hits_per_query, cfg.explore.max_passages)
+        nb = Neighborhood(f"r{round_:02d}-t{topic}", topics, passages, parent=NUCLEUS, source="explore")
+        nucleate_stage.save_neighborhood(ws, nb)
+        ledger.propose(round_, nb.id, topic, topics, len(passages), score,
+                       None if predicted is None else float(predicted[i]), x[i].tolist())
+        log.info("round %d: %s topics %s, %d passages (score %.3f)", round_, nb.id, topics, len(passages), score)
+    return ledger.proposals(round_)
+
+
+def _features(cfg: NucleusConfig, ws: Workspace, ctx: _Context, candidates: list[int], explored: list[int],
+              adapters: dict[str, list[int]]) -> TopicFeatures:
+    """Structural features plus probe losses: under the base (`base_loss`) and under the
+    explored adapter closest to the topic, the current knowledge (`surprise`)."""
+    s = structural_features(candidates, explored, ctx.centroids, ctx.adjacency, ctx.centrality, ctx.sizes,
+                            ctx.keywords)
+    device = resolve_device(cfg.train.device)
+    model, tok = load_pretrained(str(ws.root / "model" / "base"))
+    model.to(device)
+    rng = np.random.default_rng(cfg.seed)
+    probes = {}
+    for t in candidates:
+        rows = ctx.data.train_rows([t])
+        probes[t] = sorted(rng.choice(rows, min(cfg.explore.probe_passages, len(rows)), replace=False).tolist())
+
+    def losses(m, topics: list[int]) -> dict[int, float]:
+        out = {}
+        for t in topics:
+            es = make_eval_set(tok, ctx.data.corpus, probes[t], [t] * len(probes[t]), cfg.train.block_size)
+            nll, n = passage_nll(m, es, cfg.train.eval_batch_size, device, tok.pad_token_id)
+            out[t] = float(nll.sum() / max(n.sum(), 1))
+        return out
+
+    base = losses(model, candidates)
+    surprise = dict(base)
+    if adapters:
+        from peft import PeftModel
+
+        ids = list(adapters)
+        centroid_of = np.stack([ctx.centroids[adapters[a]].mean(0) for a in ids])
+        nearest = {t: ids[int(np.argmax(centroid_of @ ctx.centroids[t]))] for t in candidates}
+        peft_model = None
+        for nb_id in sorted(set(nearest.values())):
+            path = str(train_stage.adapter_dir(ws, nb_id))
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, path, adapter_name=nb_id)
+            else:
+                peft_model.load_adapter(path, adapter_name=nb_id)
+            peft_model.set_adapter(nb_id)
+            surprise.update(losses(peft_model, [t for t in candidates if nearest[t] == nb_id]))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return TopicFeatures(candidates, s["similarity"], s["degree"], s["centrality"], s["log_size"],
+                         np.array([surprise[t] for t in candidates]), np.array([base[t] for t in candidates]),
+                         s["novelty"])
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _train_and_learn(cfg: NucleusConfig, ws: Workspace, ledger: Ledger, policy, p: dict) -> None:
+    """Train a proposal's adapter (skipped when already trained) and feed back its progress."""
+    if p["status"] != "done":
+        result = train_stage.run(cfg, ws, p["nb_id"])
+        key = f"nb/{p['nb_id']}"
+        before, after = result.metrics_before[f"{key}/loss"], result.metrics[f"{key}/loss"]
+        forgetting = result.metrics["nucleus/loss"] - result.metrics_before["nucleus/loss"]
+        progress = learning_progress(before, after, result.tokens)
+        ledger.finish(p["nb_id"], progress, forgetting, result.tokens, before, after)
+        p = {**p, "progress": progress}
+        log.info("%s: learning progress %.4f nats per 1k tokens (forgetting %+.4f)", p["nb_id"], progress,
+                 forgetting)
+    policy.update(p["topic"], np.asarray(p["features"]), p["progress"])
