@@ -169,7 +169,7 @@ class TrainConfig(Section):
     """Sequences per micro-batch."""
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step."""
-    nucleus_steps: int = Field(default=300, ge=1)
+    nucleus_steps: int = Field(default=150, ge=1)
     """Optimizer steps for the nucleus (full training of a scratch base, or its LoRA adapter)."""
     lr: float = Field(default=3e-3, gt=0.0)
     """Peak learning rate for full (nucleus) training."""

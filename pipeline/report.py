@@ -1,0 +1,180 @@
+"""`nucleus report`: `reports/report.html` with the plots a researcher looks at first.
+
+1. The topic graph in 2-D (PCA of the centroids): nucleus, explored neighbourhoods by round.
+2. Held-out learning curves: natural-mixture perplexity against training tokens, per training.
+3. Per-topic perplexity before (base) and after (the topic's own adapter).
+4. Curiosity: predicted against realised learning progress, with Spearman rho.
+5. A table of neighbourhoods: topics, passages, tokens, loss before/after, progress, forgetting.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from curriculum.curiosity import spearman
+from curriculum.ledger import Ledger
+from curriculum.neighborhood import NUCLEUS
+from pipeline import nucleate as nucleate_stage
+from pipeline.atomic import atomic_path, atomic_write_text, read_json
+from pipeline.config import NucleusConfig
+from pipeline.workspace import Workspace
+
+
+@dataclass
+class ReportResult:
+    path: str
+    plots: list[str] = field(default_factory=list)
+    spearman_rho: float = float("nan")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run(cfg: NucleusConfig, ws: Workspace) -> ReportResult:
+    ws.require("index", "report")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    out = ws.root / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    proposals = Ledger(ws.root / "ledger.sqlite").proposals() if (ws.root / "ledger.sqlite").is_file() else []
+    done = [p for p in proposals if p["status"] == "done"]
+    plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _topic_plot(ws, out), _curiosity_plot(out, done)]
+    plots = [p for p in plots if p]
+    pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
+    rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
+    path = out / "report.html"
+    atomic_write_text(path, _html(ws, plots, done, rho))
+    return ReportResult(str(path), plots, rho)
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path.name
+
+
+def _graph_plot(ws: Workspace, out: Path, done: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    centroids = np.load(ws.topics_dir / "centroids.npy")
+    centered = centroids - centroids.mean(0)
+    xy = centered @ np.linalg.svd(centered, full_matrices=False)[2][:2].T  # PCA to 2-D
+    graph = nucleate_stage.load_topic_graph(ws)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for e in graph.edges:
+        a, b = e["source"], e["target"]
+        style = {"color": "tab:red", "lw": 1.2, "ls": "--"} if e["kind"] == "knowledge" else {"color": "0.8", "lw": 0.7}
+        ax.plot(xy[[a, b], 0], xy[[a, b], 1], zorder=1, **style)
+    ax.scatter(xy[:, 0], xy[:, 1], s=60, c="0.85", edgecolors="0.5", zorder=2, label="unexplored")
+    nucleus = nucleate_stage.load_neighborhood(ws, NUCLEUS)
+    if nucleus:
+        ax.scatter(xy[nucleus.topics, 0], xy[nucleus.topics, 1], s=140, c="gold", edgecolors="k", zorder=3,
+                   label="nucleus")
+    rounds = sorted({p["round"] for p in done})
+    colors = plt.get_cmap("tab10").colors  # blue, orange, green, ...: none is the nucleus's gold
+    for i, r in enumerate(rounds):
+        topics = [t for p in done if p["round"] == r for t in p["topics"]]
+        ax.scatter(xy[topics, 0], xy[topics, 1], s=90, color=colors[i % len(colors)], edgecolors="k", zorder=4, label=f"round {r}")
+    for t in range(len(xy)):
+        ax.annotate(str(t), xy[t], fontsize=7, ha="center", va="center", zorder=5)
+    ax.set_title("Topic graph (PCA of centroids); dashed red = knowledge edges")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, out / "topic_graph.png")
+
+
+def _curves_plot(ws: Workspace, out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    path = ws.logs_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "heldout/ppl" in row:
+            curves.setdefault(row["nb"], []).append((row["tokens"], row["heldout/ppl"]))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for nb, pts in curves.items():
+        pts = sorted(dict(pts).items())  # the latest run of a training wins per token count
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=nb, lw=2.5 if nb == NUCLEUS else 1.2)
+    ax.set_xlabel("training tokens of that run")
+    ax.set_ylabel("held-out perplexity (natural mixture)")
+    ax.set_yscale("log")
+    ax.set_title("Held-out learning curves")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out / "learning_curves.png")
+
+
+def _topic_plot(ws: Workspace, out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+
+    before, after = {}, {}
+    for info_path in sorted((ws.root / "adapters").glob("*/neighborhood.json")):
+        info = read_json(info_path)
+        res = info["result"]
+        for t in info["topics"]:
+            key = f"topic/{t}/ppl"
+            if key in res["metrics"] and (t not in after or res["metrics"][key] < after[t]):
+                before[t], after[t] = res["metrics_before"][key], res["metrics"][key]
+    if not after:
+        return None
+    topics = sorted(after)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(topics)), 4))
+    pos = np.arange(len(topics))
+    ax.bar(pos - 0.2, [before[t] for t in topics], 0.4, label="base (before)", color="0.6")
+    ax.bar(pos + 0.2, [after[t] for t in topics], 0.4, label="its adapter (after)", color="tab:blue")
+    ax.set_xticks(pos, [str(t) for t in topics])
+    ax.set_xlabel("topic")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Per-topic perplexity before and after its neighbourhood's adapter")
+    ax.legend()
+    return _save(fig, out / "topic_perplexity.png")
+
+
+def _curiosity_plot(out: Path, done: list[dict]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    pts = [(p["predicted"], p["progress"], p["round"]) for p in done if p["predicted"] is not None]
+    if not pts:
+        return None
+    pred, real, rounds = map(np.asarray, zip(*pts))
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    sc = ax.scatter(pred, real, c=rounds, cmap="viridis", s=50, edgecolors="k")
+    fig.colorbar(sc, ax=ax, label="round")
+    rho = spearman(pred, real)
+    ax.set_xlabel("predicted learning progress (curiosity model)")
+    ax.set_ylabel("realised learning progress (nats / 1k tokens)")
+    ax.set_title(f"Curiosity vs realised progress (Spearman rho = {rho:.2f})")
+    return _save(fig, out / "curiosity.png")
+
+
+def _html(ws: Workspace, plots: list[str], done: list[dict], rho: float) -> str:
+    rows = "".join(
+        f"<tr><td>{p['round']}</td><td>{html.escape(p['nb_id'])}</td><td>{p['topics']}</td><td>{p['passages']}</td>"
+        f"<td>{p['tokens']:,}</td><td>{p['loss_before']:.3f}</td><td>{p['loss_after']:.3f}</td>"
+        f"<td>{p['progress']:+.4f}</td><td>{p['forgetting']:+.4f}</td></tr>" for p in done)
+    images = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in plots)
+    rho_text = "n/a (fewer than 3 predictions)" if rho != rho else f"{rho:.3f}"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Nucleus report: {html.escape(ws.root.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}img{{max-width:100%}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
+<h1>Nucleus report: {html.escape(ws.root.name)}</h1>
+<p>Curiosity model: Spearman rho between predicted and realised learning progress = {rho_text}.</p>
+<h2>Neighbourhoods</h2>
+<table><tr><th>round</th><th>neighbourhood</th><th>topics</th><th>passages</th><th>tokens</th><th>loss before</th>
+<th>loss after</th><th>progress / 1k tok</th><th>nucleus forgetting</th></tr>{rows}</table>
+<h2>Plots</h2>{images}</body></html>
+"""
