@@ -27,6 +27,13 @@ def _check_device(v: str) -> str:
     raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
 
 
+def _registry_choice(v: str, registry) -> str:
+    """Accept a name of a small registry (graph builders, samplers, policies), else say the choices."""
+    if v not in registry:
+        raise ValueError(f"must be one of {sorted(registry)}.{did_you_mean(v, registry)}")
+    return v
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, field docstrings are the docs."""
 
@@ -135,9 +142,7 @@ class GraphConfig(Section):
     def _known_kind(cls, v: str) -> str:
         from retrieval.graph import GRAPH_BUILDERS
 
-        if v not in GRAPH_BUILDERS:
-            raise ValueError(f"must be one of {sorted(GRAPH_BUILDERS)}.{did_you_mean(v, GRAPH_BUILDERS)}")
-        return v
+        return _registry_choice(v, GRAPH_BUILDERS)
 
 
 class NucleateConfig(Section):
@@ -205,9 +210,7 @@ class TrainConfig(Section):
     def _known_sampler(cls, v: str) -> str:
         from curriculum.samplers import SAMPLERS
 
-        if v not in SAMPLERS:
-            raise ValueError(f"must be one of {sorted(SAMPLERS)}.{did_you_mean(v, SAMPLERS)}")
-        return v
+        return _registry_choice(v, SAMPLERS)
 
     @field_validator("device")
     @classmethod
@@ -257,9 +260,7 @@ class ExploreConfig(Section):
     def _known_policy(cls, v: str) -> str:
         from curriculum.curiosity import POLICIES
 
-        if v not in POLICIES:
-            raise ValueError(f"must be one of {sorted(POLICIES)}.{did_you_mean(v, POLICIES)}")
-        return v
+        return _registry_choice(v, POLICIES)
 
 
 class RetrieveConfig(Section):
