@@ -12,6 +12,7 @@ only what is missing. Finished neighbourhoods are never trained again.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -32,7 +33,7 @@ from pipeline.evaluate import passage_nll
 from pipeline.lm_data import make_eval_set
 from pipeline.model import load_pretrained, resolve_device
 from pipeline.retrieve import open_retriever
-from pipeline.workspace import Workspace
+from pipeline.workspace import Workspace, now
 
 log = logging.getLogger("nucleus.explore")
 
@@ -79,6 +80,9 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ExploreResult:
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
     ws.mark_complete("explore", cfg, SECTIONS, {"rounds_done": state["rounds_done"], "spearman_rho": rho})
+    with open(ws.logs_dir / "metrics.jsonl", "a") as f:  # beside the training metrics, for reports
+        f.write(json.dumps({"nb": "explore", "time": now(), "rounds_done": state["rounds_done"],
+                            "curiosity/spearman_rho": rho, "curiosity/pairs": len(pairs)}) + "\n")
     return ExploreResult(state["rounds_done"], done, rho, message)
 
 

@@ -42,6 +42,9 @@ def test_rounds_train_one_adapter_per_proposal_and_fill_the_ledger(trained_run_c
         assert (trained_run_copy / "adapters" / r["nb_id"] / "adapter_model.safetensors").is_file()
         assert r["progress"] == pytest.approx((r["loss_before"] - r["loss_after"]) / (r["tokens"] / 1000))
     assert [r["predicted"] is not None for r in rows] == [True] * 4  # the learned policy predicts
+    logged = [json.loads(x) for x in (trained_run_copy / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["nb"] == "explore" and logged[-1]["curiosity/pairs"] == 4
+    assert logged[-1]["curiosity/spearman_rho"] == pytest.approx(result.spearman_rho, nan_ok=True)
     # a later run with more rounds finds the frontier exhausted and trains nothing again
     again = explore.run(_cfg(ws, *FAST, "explore.rounds=3"), ws)
     assert "nothing left on the frontier" in again.message and len(_ledger(trained_run_copy)) == 4
