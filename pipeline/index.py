@@ -77,12 +77,14 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> IndexResult:
     if force or not _step_done(ws.index_dir / "embeddings.json", cfg, "embed"):
         _embed(cfg, ws, corpus, embedder(), force)
         steps_run.append("embed")
-    vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
+    vectors = None  # (passages, dim) float32, read once and only if a step below needs it
     if force or not _step_done(ws.index_dir / "index.json", cfg, "ann"):
-        _build_ann(cfg, ws, np.asarray(vectors, dtype=np.float32))
+        vectors = np.load(ws.index_dir / "embeddings.npy")
+        _build_ann(cfg, ws, vectors)
         steps_run.append("ann")
     if force or not _step_done(ws.topics_dir / "topics.json", cfg, "topics"):
-        _cluster(cfg, ws, corpus, np.asarray(vectors, dtype=np.float32))
+        vectors = np.load(ws.index_dir / "embeddings.npy") if vectors is None else vectors
+        _cluster(cfg, ws, corpus, vectors)
         steps_run.append("topics")
     if force or not _step_done(ws.topics_dir / "graph.json", cfg, "graph"):
         _build_graph(cfg, ws)

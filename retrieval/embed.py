@@ -67,10 +67,6 @@ class Embedder:
     def dim(self) -> int:
         return int(self.model.get_embedding_dimension())
 
-    @property
-    def max_seq_length(self) -> int:
-        return int(self.model.max_seq_length)
-
     def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """(len(texts), dim) float32, unit length (cosine = inner product)."""
         vecs = self.model.encode(texts, batch_size=batch_size or self.batch_size,
