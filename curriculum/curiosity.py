@@ -84,8 +84,10 @@ class RandomPolicy:
     def predict(self, x: np.ndarray) -> np.ndarray | None:
         return None
 
-    def update(self, topic: int, x: np.ndarray, progress: float, topics: list[int] | None = None) -> None:
-        """Learn from the realised learning progress of `topic` (chosen among `topics`)."""
+    def update(self, topic: int, x: np.ndarray, progress: float, topics: list[int] | None = None,
+               probe: bool = False) -> None:
+        """Learn from the realised learning progress of `topic` (chosen among `topics`); `probe`
+        marks a rabbit-hole probe training (shorter than a neighbourhood's)."""
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
@@ -135,7 +137,10 @@ class Exp3SPolicy(RandomPolicy):
         p = self._policy(topics)
         return np.log(p) + self.rng.gumbel(size=len(topics))
 
-    def update(self, topic: int, x: np.ndarray, progress: float, topics: list[int] | None = None) -> None:
+    def update(self, topic: int, x: np.ndarray, progress: float, topics: list[int] | None = None,
+               probe: bool = False) -> None:
+        if probe:  # the bandit's rewards are for pulled arms; a probe is not a pull
+            return
         self.history.append(progress)
         lo, hi = np.percentile(self.history, [20, 80])
         reward = 0.0 if hi <= lo else float(np.clip(2 * (progress - lo) / (hi - lo) - 1, -1, 1))
@@ -168,6 +173,10 @@ class LearnedPolicy(RandomPolicy):
     Features are standardised with running statistics; the prior is N(0, 1/alpha); the noise
     variance is estimated from the residuals. Before any observation the mean is 0 and the
     bonus alone decides, i.e. the first choices explore.
+
+    Rabbit-hole probes are examples too, with an indicator column: a probe trains for fewer
+    steps, so its progress per token runs higher; the indicator absorbs that offset while the
+    feature weights are shared, and predictions are for full neighbourhoods (indicator 0).
     """
 
     name = "learned"
@@ -177,8 +186,9 @@ class LearnedPolicy(RandomPolicy):
         self.alpha, self.beta = alpha, beta
         self.xs: list[list[float]] = []
         self.ys: list[float] = []
+        self.probes: list[bool] = []
 
-    def _design(self, x: np.ndarray) -> np.ndarray:
+    def _design(self, x: np.ndarray, probe: list[bool] | None = None) -> np.ndarray:
         if self.xs:
             ref = np.asarray(self.xs)
             mu, sd = ref.mean(0), ref.std(0)
@@ -186,13 +196,14 @@ class LearnedPolicy(RandomPolicy):
         else:
             mu, sd = 0.0, 1.0
         z = (np.atleast_2d(x) - mu) / sd
-        return np.hstack([np.ones((len(z), 1)), z])  # intercept + standardised features
+        flag = np.zeros((len(z), 1)) if probe is None else np.asarray(probe, dtype=float).reshape(-1, 1)
+        return np.hstack([np.ones((len(z), 1)), flag, z])  # intercept, probe indicator, features
 
     def _posterior(self) -> tuple[np.ndarray, np.ndarray, float]:
-        d = len(FEATURES) + 1
+        d = len(FEATURES) + 2
         if not self.ys:
             return np.zeros(d), np.eye(d) / self.alpha, 1.0
-        phi, y = self._design(np.asarray(self.xs)), np.asarray(self.ys)
+        phi, y = self._design(np.asarray(self.xs), self.probes), np.asarray(self.ys)
         precision = self.alpha * np.eye(d) + phi.T @ phi
         cov = np.linalg.inv(precision)
         mean = cov @ phi.T @ y
@@ -211,16 +222,19 @@ class LearnedPolicy(RandomPolicy):
         std = np.sqrt(np.einsum("ij,jk,ik->i", phi, cov, phi) * noise)
         return phi @ mean + self.beta * std
 
-    def update(self, topic: int, x: np.ndarray, progress: float, topics: list[int] | None = None) -> None:
+    def update(self, topic: int, x: np.ndarray, progress: float, topics: list[int] | None = None,
+               probe: bool = False) -> None:
         self.xs.append(np.asarray(x, dtype=float).ravel().tolist())
         self.ys.append(float(progress))
+        self.probes.append(bool(probe))
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "xs": self.xs, "ys": self.ys}
+        return {**super().state_dict(), "xs": self.xs, "ys": self.ys, "probes": self.probes}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.xs, self.ys = [list(r) for r in state["xs"]], list(state["ys"])
+        self.probes = list(state.get("probes", [False] * len(self.ys)))
 
 
 POLICIES: dict[str, Callable[..., RandomPolicy]] = {

@@ -1,4 +1,5 @@
-"""The curriculum ledger (`ledger.sqlite`): every proposal of every round and what it yielded.
+"""The curriculum ledger (`ledger.sqlite`): every proposal of every round and what it yielded,
+and every rabbit hole (walk probe or generative excursion) that informed the round.
 
 Written by the orchestrator only (one process), read by reports. A proposal is recorded before
 its neighbourhood trains, so an interrupted round is resumed with the same proposals.
@@ -26,6 +27,20 @@ CREATE TABLE IF NOT EXISTS proposals (
     tokens INTEGER,
     loss_before REAL,
     loss_after REAL
+);
+CREATE TABLE IF NOT EXISTS rabbit_holes (
+    round INTEGER NOT NULL,
+    kind TEXT NOT NULL,              -- walk | generative
+    idx INTEGER NOT NULL,            -- the rabbit hole's number within its round and kind
+    topic INTEGER,                   -- walk: the probed topic; generative: the prompt's topic
+    path TEXT NOT NULL,              -- JSON list: the walk's topics, or the topics the text landed in
+    text TEXT,                       -- generative: the model's continuation
+    features TEXT,                   -- walk: the probed topic's features (curiosity.FEATURES order)
+    progress REAL,                   -- walk: realised learning progress of the probe training
+    tokens INTEGER,
+    loss_before REAL,
+    loss_after REAL,
+    PRIMARY KEY (round, kind, idx)
 );
 """
 
@@ -63,4 +78,25 @@ class Ledger:
             rows = [dict(r) for r in db.execute(query + " ORDER BY round, rowid", args)]
         for r in rows:
             r["topics"], r["features"] = json.loads(r["topics"]), json.loads(r["features"])
+        return rows
+
+    def record_rabbit_hole(self, round_: int, kind: str, idx: int, topic: int | None, path: list[int],
+                           text: str | None = None, features: list[float] | None = None,
+                           progress: float | None = None, tokens: int | None = None,
+                           loss_before: float | None = None, loss_after: float | None = None) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO rabbit_holes (round, kind, idx, topic, path, text, features, progress,"
+                       " tokens, loss_before, loss_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round_, kind, idx, topic, json.dumps(path), text,
+                        None if features is None else json.dumps(features), progress, tokens, loss_before,
+                        loss_after))
+
+    def rabbit_holes(self, round_: int | None = None, kind: str | None = None) -> list[dict]:
+        where = [(c, v) for c, v in (("round", round_), ("kind", kind)) if v is not None]
+        query = "SELECT * FROM rabbit_holes" + (" WHERE " + " AND ".join(f"{c}=?" for c, _ in where) if where else "")
+        with self._connect() as db:
+            rows = [dict(r) for r in db.execute(query + " ORDER BY round, kind, idx", [v for _, v in where])]
+        for r in rows:
+            r["path"] = json.loads(r["path"])
+            r["features"] = None if r["features"] is None else json.loads(r["features"])
         return rows

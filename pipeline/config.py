@@ -254,6 +254,18 @@ class ExploreConfig(Section):
     """Exploration bonus of the `learned` policy (posterior standard deviations)."""
     probe_passages: int = Field(default=8, ge=1)
     """Training passages per frontier topic whose loss gives its surprise features."""
+    walks: int = Field(default=1, ge=0)
+    """Random-walk rabbit holes per round: each probe-trains the walk's last unexplored topic."""
+    walk_length: int = Field(default=3, ge=1)
+    """Steps of a random walk over the topic graph, from an explored topic."""
+    probe_steps: int = Field(default=10, ge=1)
+    """Training steps of a walk's probe adapter (kept in memory, never saved)."""
+    generative: int = Field(default=1, ge=0)
+    """Generative rabbit holes per round: continuations whose retrieval adds candidate topics."""
+    prompt_tokens: int = Field(default=16, ge=1)
+    """Tokens of a passage from an explored topic that prompt a generative rabbit hole."""
+    gen_tokens: int = Field(default=48, ge=1)
+    """Tokens the model generates in a generative rabbit hole."""
 
     @field_validator("policy")
     @classmethod

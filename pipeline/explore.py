@@ -1,13 +1,16 @@
 """`nucleus explore`: round after round, let curiosity pick what to learn next, and learn it.
 
-Each round: the frontier (unexplored topics next to explored ones) gets curiosity features;
-the policy picks `explore.per_round` topics; each becomes a proposal (the topic plus `k`
-sampled unexplored neighbours, its passages expanded by retrieval), is recorded in the ledger,
-trains as its own LoRA adapter, and its realised learning progress updates the policy.
+Each round: generative rabbit holes add the unexplored topics the model's own continuations
+land in to the frontier (unexplored topics next to explored ones); random-walk rabbit holes
+probe-train a few topics and teach the curiosity model their realised progress; the candidates
+get curiosity features; the policy picks `explore.per_round` topics; each becomes a proposal
+(the topic plus `k` sampled unexplored neighbours, its passages expanded by retrieval), is
+recorded in the ledger, trains as its own LoRA adapter, and its realised learning progress
+updates the policy.
 
-Resuming: a round's proposals are in the ledger before anything trains, and the policy's state
-at the start of the round is saved; a rerun replays the finished proposals' updates and trains
-only what is missing. Finished neighbourhoods are never trained again.
+Resuming: a round's rabbit holes and proposals are in the ledger before anything trains, and
+the policy's state at the start of the round is saved; a rerun replays the recorded updates and
+trains only what is missing. Finished neighbourhoods are never trained again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from curriculum.expansion import expand_passages, propose_topics
 from curriculum.ledger import Ledger
 from curriculum.neighborhood import NUCLEUS, Neighborhood
 from curriculum.nucleation import pagerank
+from curriculum.rabbit_holes import landed_topics, random_walk, walk_target
 from pipeline import nucleate as nucleate_stage
+from pipeline import rabbit_holes
 from pipeline import train as train_stage
 from pipeline.atomic import atomic_write_json, read_json
 from pipeline.config import NucleusConfig
@@ -38,6 +43,7 @@ from pipeline.workspace import Workspace, now
 log = logging.getLogger("nucleus.explore")
 
 SECTIONS = train_stage.SECTIONS  # `explore` itself may change between runs (more rounds, ...)
+LANDED_PER_HOLE = 2  # unexplored topics a generative rabbit hole may add to the candidates
 
 
 @dataclass
@@ -66,7 +72,9 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ExploreResult:
     message = ""
     for round_ in range(state["rounds_done"], cfg.explore.rounds):
         proposals = ledger.proposals(round_)
-        if not proposals:
+        if proposals:  # resuming a round that was interrupted while training
+            _replay_walks(ledger, policy, round_)
+        else:
             proposals = _propose(cfg, ws, ctx, ledger, policy, round_)
             if not proposals:
                 message = "every topic reachable from the nucleus is explored: nothing left on the frontier."
@@ -127,15 +135,35 @@ def _explored(ws: Workspace, ctx: _Context) -> tuple[set[int], dict[str, list[in
 
 def _propose(cfg: NucleusConfig, ws: Workspace, ctx: _Context, ledger: Ledger, policy, round_: int) -> list[dict]:
     explored, adapters = _explored(ws, ctx)
-    candidates = frontier(ctx.adjacency, explored)
-    if not candidates:
-        return []
-    feats = _features(cfg, ws, ctx, candidates, sorted(explored), adapters)
-    x = feats.matrix()
+    device = resolve_device(cfg.train.device)
+    model, tok = load_pretrained(str(ws.root / "model" / "base"))
+    model.to(device)
+    retriever = open_retriever(cfg, ws)
+    try:
+        landed = _generative_holes(cfg, ctx, ledger, round_, explored, model, tok, retriever, device)
+        candidates = sorted(set(frontier(ctx.adjacency, explored)) | set(landed))
+        if not candidates:
+            return []
+        walks = _walk_probes(cfg, ctx, ledger, round_, explored, model, tok, device)
+        probed = sorted({w["topic"] for w in walks} - set(candidates))
+        feats = _features(cfg, ws, ctx, candidates + probed, sorted(explored), adapters, model, tok, device)
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    x_all = feats.matrix()
+    row = {t: i for i, t in enumerate(feats.topics)}
+    for w in walks:  # the walks' probes teach the policy before it chooses
+        w["features"] = x_all[row[w["topic"]]].tolist()
+        ledger.record_rabbit_hole(round_, "walk", w["idx"], w["topic"], w["path"], features=w["features"],
+                                  progress=w["progress"], tokens=w["tokens"], loss_before=w["loss_before"],
+                                  loss_after=w["loss_after"])
+    _replay_walks(ledger, policy, round_)
+
+    x = x_all[: len(candidates)]
     predicted = policy.predict(x)
     rng = np.random.default_rng(cfg.seed * 1000 + round_)
     unexplored_adj = {t: [n for n in ns if n not in explored] for t, ns in ctx.adjacency.items()}
-    retriever = open_retriever(cfg, ws)
     taken: set[int] = set()
     made = 0
     for topic, score in choose(policy, candidates, x, len(candidates)):
@@ -160,15 +188,77 @@ def _propose(cfg: NucleusConfig, ws: Workspace, ctx: _Context, ledger: Ledger, p
     return ledger.proposals(round_)
 
 
+# ------------------------------------------------------------------------- rabbit holes
+
+
+def _generative_holes(cfg: NucleusConfig, ctx: _Context, ledger: Ledger, round_: int, explored: set[int],
+                      model, tok, retriever, device: torch.device) -> list[int]:
+    """Unexplored topics that the model's continuations of explored-topic prompts land in.
+    Holes already in the ledger (an interrupted round) are reused, not generated again."""
+    done = {r["idx"]: r for r in ledger.rabbit_holes(round_, "generative")}
+    rng = np.random.default_rng([cfg.seed, round_, 1])
+    with_text = set(np.unique(ctx.data.topic_of[~ctx.data.heldout]).tolist())
+    sources = [t for t in sorted(explored) if t in with_text]
+    if not sources:
+        return []
+    landed: list[int] = []
+    for idx in range(cfg.explore.generative):
+        topic = int(sources[rng.integers(len(sources))])
+        prompt = rabbit_holes.topic_prompt(tok, ctx.data, topic, cfg.explore.prompt_tokens, rng)
+        if idx not in done:
+            text = rabbit_holes.continue_text(model, tok, prompt, cfg.explore.gen_tokens,
+                                              cfg.seed * 1000 + round_ * 10 + idx, device)
+            hits = retriever.search_vectors(retriever.embedder.encode([text]), cfg.explore.hits_per_query)[1][0]
+            topics = landed_topics(ctx.data.topic_of[hits[hits >= 0]], explored, LANDED_PER_HOLE)
+            ledger.record_rabbit_hole(round_, "generative", idx, topic, topics, text=text)
+            done[idx] = {"path": topics, "text": text}
+            log.info("round %d: generative rabbit hole from topic %d landed in %s: %r", round_, topic, topics,
+                     text[:80])
+        landed += done[idx]["path"]
+    return sorted(set(landed))
+
+
+def _walk_probes(cfg: NucleusConfig, ctx: _Context, ledger: Ledger, round_: int, explored: set[int],
+                 model, tok, device: torch.device) -> list[dict]:
+    """Random walks from explored topics; each walk's last unexplored topic gets a probe
+    training. Walks already in the ledger are not trained again (their rows are returned)."""
+    done = {r["idx"]: r for r in ledger.rabbit_holes(round_, "walk")}
+    rng = np.random.default_rng([cfg.seed, round_, 2])
+    sources = sorted(explored)
+    walks = []
+    for idx in range(cfg.explore.walks):
+        path = random_walk(ctx.adjacency, int(sources[rng.integers(len(sources))]), cfg.explore.walk_length, rng)
+        if idx in done:
+            walks.append(done[idx])
+            continue
+        target = walk_target(path, explored)
+        probe = None if target is None else rabbit_holes.probe_training(cfg, model, tok, ctx.data, target, device)
+        if probe is None:
+            log.info("round %d: walk %s found nothing to probe", round_, path)
+            continue
+        log.info("round %d: walk %s probed topic %d: learning progress %.4f", round_, path, target, probe.progress)
+        walks.append({"idx": idx, "topic": target, "path": path, **{k: getattr(probe, k) for k in (
+            "progress", "tokens", "loss_before", "loss_after")}})
+    return walks
+
+
+def _replay_walks(ledger: Ledger, policy, round_: int) -> None:
+    """Feed a round's recorded walk probes to the policy (it was restored to the round's start)."""
+    for w in ledger.rabbit_holes(round_, "walk"):
+        if w["features"] is not None:
+            policy.update(w["topic"], np.asarray(w["features"]), w["progress"], probe=True)
+
+
+# -------------------------------------------------------------------------- features
+
+
 def _features(cfg: NucleusConfig, ws: Workspace, ctx: _Context, candidates: list[int], explored: list[int],
-              adapters: dict[str, list[int]]) -> TopicFeatures:
+              adapters: dict[str, list[int]], model, tok, device: torch.device) -> TopicFeatures:
     """Structural features plus probe losses: under the base (`base_loss`) and under the
-    explored adapter closest to the topic, the current knowledge (`surprise`)."""
+    explored adapter closest to the topic, the current knowledge (`surprise`). Loads adapters
+    into `model`: it is not the plain base afterwards."""
     s = structural_features(candidates, explored, ctx.centroids, ctx.adjacency, ctx.centrality, ctx.sizes,
                             ctx.keywords)
-    device = resolve_device(cfg.train.device)
-    model, tok = load_pretrained(str(ws.root / "model" / "base"))
-    model.to(device)
     rng = np.random.default_rng(cfg.seed)
     probes = {}
     for t in candidates:
@@ -200,9 +290,6 @@ def _features(cfg: NucleusConfig, ws: Workspace, ctx: _Context, candidates: list
                 peft_model.load_adapter(path, adapter_name=nb_id)
             peft_model.set_adapter(nb_id)
             surprise.update(losses(peft_model, [t for t in candidates if nearest[t] == nb_id]))
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return TopicFeatures(candidates, s["similarity"], s["degree"], s["centrality"], s["log_size"],
                          np.array([surprise[t] for t in candidates]), np.array([base[t] for t in candidates]),
                          s["novelty"])

@@ -184,11 +184,11 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
         raise UserError(f"train.block_size: {cfg.train.block_size} is above the model's context length "
                         f"({context_length(model)}). Set train.block_size <= {context_length(model)}.")
     if kind == "lora":
-        model = _add_lora(cfg, model)
+        model = add_lora(cfg, model)
     return model.to(device), tokenizer, kind
 
 
-def _add_lora(cfg: NucleusConfig, model):
+def add_lora(cfg: NucleusConfig, model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(cfg.seed)
@@ -223,7 +223,7 @@ def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunDa
 def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, blocks: Blocks,
          replay: Blocks | None, eval_set, device: torch.device, kind: str, resume: bool) -> TrainResult:
     t = cfg.train
-    autocast = torch.bfloat16 if device.type == "cuda" and t.precision in ("auto", "bf16") else None
+    autocast = autocast_dtype(cfg, device)
     graph = nucleate_stage.load_topic_graph(ws).adjacency()
     nucleus_topics = nucleate_stage.load_neighborhood(ws, NUCLEUS).topics
 
@@ -249,12 +249,7 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
             board.flush()
 
     steps = t.nucleus_steps if kind == "full" else cfg.lora.steps
-    settings = FitSettings(
-        steps=steps, lr=t.lr if kind == "full" else cfg.lora.lr, batch_size=t.batch_size,
-        grad_accum=t.grad_accum, warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay, grad_clip=t.grad_clip, grad_topk=t.grad_topk,
-        replay_fraction=cfg.lora.replay_fraction if replay is not None else 0.0, eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every, autocast_dtype=autocast)
+    settings = fit_settings(cfg, steps, t.lr if kind == "full" else cfg.lora.lr, device, replay is not None)
     before = evaluate_fn(model)
     log_metrics({"step": 0, "tokens": 0, **before})
     torch.manual_seed(cfg.seed)
@@ -266,6 +261,21 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
                        seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
                        trainable_params=count_parameters(model, trainable_only=True),
                        metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from)
+
+
+def autocast_dtype(cfg: NucleusConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a GPU unless `train.precision` says fp32."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.train.precision in ("auto", "bf16") else None
+
+
+def fit_settings(cfg: NucleusConfig, steps: int, lr: float, device: torch.device, replay: bool) -> FitSettings:
+    """The optimiser settings of every training in a run (nucleus, adapter, probe) but its length."""
+    t = cfg.train
+    return FitSettings(
+        steps=steps, lr=lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip, grad_topk=t.grad_topk, replay_fraction=cfg.lora.replay_fraction if replay else 0.0,
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device))
 
 
 def _tensorboard(ws: Workspace, nb_id: str):

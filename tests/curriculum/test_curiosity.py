@@ -91,3 +91,30 @@ def test_spearman_matches_its_definition():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
     assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_learned_policy_separates_probe_offset_from_feature_weights():
+    # Probes make more progress per token (shorter trainings); the indicator absorbs the offset,
+    # so predictions for full neighbourhoods follow the full trainings' scale.
+    from curriculum.curiosity import FEATURES, LearnedPolicy
+
+    rng = np.random.default_rng(0)
+    policy = LearnedPolicy(alpha=1e-3)
+    for i in range(40):
+        x = rng.normal(size=len(FEATURES))
+        probe = i % 2 == 0
+        policy.update(i, x, 2.0 * x[0] + (5.0 if probe else 0.0), probe=probe)
+    test = rng.normal(size=(20, len(FEATURES)))
+    assert np.allclose(policy.predict(test), 2.0 * test[:, 0], atol=0.05)
+    restored = LearnedPolicy(alpha=1e-3)
+    restored.load_state_dict(policy.state_dict())
+    assert np.allclose(restored.predict(test), policy.predict(test))
+
+
+def test_bandit_ignores_probe_trainings():
+    from curriculum.curiosity import Exp3SPolicy
+
+    policy = Exp3SPolicy(seed=0)
+    before = policy.state_dict()
+    policy.update(3, np.zeros(7), 9.0, topics=[1, 3], probe=True)
+    assert policy.state_dict() == before

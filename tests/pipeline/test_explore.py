@@ -45,9 +45,30 @@ def test_rounds_train_one_adapter_per_proposal_and_fill_the_ledger(trained_run_c
     logged = [json.loads(x) for x in (trained_run_copy / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["nb"] == "explore" and logged[-1]["curiosity/pairs"] == 4
     assert logged[-1]["curiosity/spearman_rho"] == pytest.approx(result.spearman_rho, nan_ok=True)
+    _check_rabbit_holes(trained_run_copy, nucleus_topics, rows)
     # a later run with more rounds finds the frontier exhausted and trains nothing again
     again = explore.run(_cfg(ws, *FAST, "explore.rounds=3"), ws)
     assert "nothing left on the frontier" in again.message and len(_ledger(trained_run_copy)) == 4
+
+
+def _check_rabbit_holes(run_dir, nucleus_topics, proposals):
+    """One walk probe and one generative hole per round, recorded once and learned from once."""
+    db = sqlite3.connect(run_dir / "ledger.sqlite")
+    db.row_factory = sqlite3.Row
+    holes = [dict(r) for r in db.execute("SELECT * FROM rabbit_holes ORDER BY round, kind, idx")]
+    walks = [h for h in holes if h["kind"] == "walk"]
+    generative = [h for h in holes if h["kind"] == "generative"]
+    assert [h["round"] for h in generative] == [0, 1] and [h["round"] for h in walks] == [0, 1]
+    for w in walks:
+        path = json.loads(w["path"])
+        assert w["topic"] in path and path[0] in nucleus_topics + [t for p in proposals for t in p["topics"]]
+        assert len(json.loads(w["features"])) == 7 and w["tokens"] > 0
+        assert w["progress"] == pytest.approx((w["loss_before"] - w["loss_after"]) / (w["tokens"] / 1000))
+    assert generative[0]["text"].strip() and not set(json.loads(generative[0]["path"])) & set(nucleus_topics)
+    policy = json.loads((run_dir / "explore" / "state.json").read_text())["policy"]
+    assert policy["probes"].count(True) == len(walks) and policy["probes"].count(False) == len(proposals)
+    # probe adapters stay in memory: adapters/ holds the nucleus-trained base's neighbourhoods only
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == sorted(p["nb_id"] for p in proposals)
 
 
 def test_kill_mid_round_then_resume_trains_nothing_twice(trained_run_copy):
@@ -76,6 +97,8 @@ def test_kill_mid_round_then_resume_trains_nothing_twice(trained_run_copy):
     adapters = sorted(p.name for p in (trained_run_copy / "adapters").iterdir())
     assert adapters == sorted(r["nb_id"] for r in rows)  # one complete adapter each, no partial dirs
     assert not list(trained_run_copy.rglob(".tmp-*"))
+    nucleus_topics = json.loads((trained_run_copy / "neighborhoods" / "nucleus.json").read_text())["topics"]
+    _check_rabbit_holes(trained_run_copy, nucleus_topics, rows)  # no probe replayed twice after the kill
 
 
 def test_empty_frontier_is_a_clear_message_and_exit_0(trained_run_copy):
