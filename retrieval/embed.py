@@ -56,8 +56,8 @@ class Embedder:
         if dtype == "auto":
             dtype = "float16" if self.device.startswith("cuda") else "float32"
         self.dtype = dtype
-        if dtype != "float32":
-            self.model.to(getattr(torch, dtype))
+        # Always cast: a model saved in float16 loads as float16, which is slow on a CPU.
+        self.model.to(getattr(torch, dtype))
 
     @property
     def tokenizer(self):
