@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from pipeline import adapters as adapters_stage
 from pipeline import explore as explore_stage
 from pipeline import index as index_stage
 from pipeline import nucleate as nucleate_stage
@@ -38,9 +39,10 @@ STAGES: dict[str, Callable[..., Any]] = {
     "report": report_stage.run,
     "run": run_stage.run,
     "retrieve": retrieve_stage.run,
+    "adapters": adapters_stage.run,
 }
 # Commands whose stage is not built yet -> the issue that builds it.
-NOT_BUILT: dict[str, int] = {"worker": 5, "adapters": 6}
+NOT_BUILT: dict[str, int] = {"worker": 5}
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Nucleus: knowledge-nucleated, curiosity-driven curriculum training.")
@@ -275,6 +277,86 @@ def retrieve(query: Annotated[str, typer.Argument(help="Text to search for.")], 
         cfg, ws = _reader("retrieve", run_dir, config, set_)
         result = STAGES["retrieve"](cfg, ws, query, k=k, topic=topic)
         _emit(result.to_json(), json_, _hits_human)
+
+
+# ------------------------------------------------------------------------------ adapters
+
+adapters_app = typer.Typer(no_args_is_help=True, help="Use the neighbourhood adapters together: list, route, "
+                                                       "score, generate, compat, merge, eval.")
+app.add_typer(adapters_app, name="adapters")
+TextsArg = Annotated[Optional[list[str]], typer.Argument(help="Texts (or --file).", show_default=False)]
+FileOpt = Annotated[Optional[Path], typer.Option("--file", "-f", help="A UTF-8 file with one text per line.")]
+
+
+def _texts(texts: list[str] | None, file: Path | None) -> list[str]:
+    out = list(texts or [])
+    if file is not None:
+        try:
+            out += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--file '{file}' cannot be read as UTF-8 text ({type(e).__name__}: {e}).") from None
+    return out
+
+
+def _adapters(action: str, run_dir: Path, config: Path | None, sets: list[str] | None, as_json: bool,
+              **kwargs: Any) -> None:
+    with _guard():
+        if action == "merge":  # writes adapters/ and the ledger
+            with _stage("adapters merge", run_dir, config, sets, False) as (cfg, ws):
+                result = STAGES["adapters"](cfg, ws, action)
+        else:
+            cfg, ws = _reader(f"adapters {action}", run_dir, config, sets)
+            result = STAGES["adapters"](cfg, ws, action, **kwargs)
+        _emit(result.to_json(), as_json, lambda r: adapters_stage.human(action, r))
+
+
+@adapters_app.command("list")
+def adapters_list(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """The adapters with their neighbourhoods: topics, passages, tokens, perplexity."""
+    _adapters("list", run_dir, config, set_, json_)
+
+
+@adapters_app.command("route")
+def adapters_route(run_dir: RunDir, texts: TextsArg = None, file: FileOpt = None, config: ConfigFile = None,
+                   set_: SetOpt = None, json_: JsonOpt = False):
+    """Which neighbourhood's adapter each text goes to (nearest centroid; top_k with weights)."""
+    with _guard():
+        texts = _texts(texts, file)
+    _adapters("route", run_dir, config, set_, json_, texts=texts)
+
+
+@adapters_app.command("score")
+def adapters_score(run_dir: RunDir, texts: TextsArg = None, file: FileOpt = None, config: ConfigFile = None,
+                   set_: SetOpt = None, json_: JsonOpt = False):
+    """Perplexity of each text under its routed adapter (or a top-k mixture)."""
+    with _guard():
+        texts = _texts(texts, file)
+    _adapters("score", run_dir, config, set_, json_, texts=texts)
+
+
+@adapters_app.command("generate")
+def adapters_generate(prompt: Annotated[str, typer.Argument(help="Text to continue.")], run_dir: RunDir,
+                      config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """Continue a prompt with the adapter it routes to."""
+    _adapters("generate", run_dir, config, set_, json_, prompt=prompt)
+
+
+@adapters_app.command("compat")
+def adapters_compat(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """Tether compatibility: per-layer cosine similarity of every pair's LoRA deltas, and its mean."""
+    _adapters("compat", run_dir, config, set_, json_)
+
+
+@adapters_app.command("merge")
+def adapters_merge(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """Merge groups above adapters.merge_threshold into one peft adapter each; record them in the ledger."""
+    _adapters("merge", run_dir, config, set_, json_)
+
+
+@adapters_app.command("eval")
+def adapters_eval(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """Routing accuracy, diagonal fraction, specialisation matrix, base/routed/merged perplexity."""
+    _adapters("eval", run_dir, config, set_, json_)
 
 
 def _not_built(name: str) -> None:

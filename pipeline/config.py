@@ -280,6 +280,40 @@ class RetrieveConfig(Section):
     """Passages returned per query."""
 
 
+class AdaptersConfig(Section):
+    """`nucleus adapters`: load, route, score, generate with and merge the neighbourhood adapters."""
+
+    lru_size: int = Field(default=16, ge=1)
+    """Adapters kept loaded at once; the least recently used is dropped first (peft slows as more are resident)."""
+    centroid: Literal["passages", "topics"] = "passages"
+    """A neighbourhood's routing centroid: the mean embedding of its training `passages`, or the mean of its `topics`' centroids."""
+    route_nucleus: bool = True
+    """Route to the nucleus too (its adapter, or the base model on a scratch run), not only to neighbourhood adapters."""
+    top_k: int = Field(default=1, ge=1)
+    """Neighbourhoods a text is routed to: 1 = the nearest; k > 1 = a mixture of the k nearest adapters' next-token probabilities (c-BTM)."""
+    temperature: float = Field(default=0.1, gt=0.0)
+    """Mixture weights of the top_k: softmax(-cosine distance / temperature)."""
+    merge_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
+    """`adapters merge` folds groups whose every pair's tether compatibility (per-layer cosine of LoRA deltas, mean over layers) is at least this."""
+    merge_method: str = "linear"
+    """How a group is merged: `linear` (the weighted sum of deltas, exact), `cat`, `ties` or `dare_ties` (peft add_weighted_adapter)."""
+    merge_weights: Literal["mean", "sum"] = "mean"
+    """Member weights: `mean` = 1/n each (the deltas averaged), `sum` = 1 each (task arithmetic)."""
+    merge_density: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Fraction of each delta that `ties` and `dare_ties` keep."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Tokens `adapters generate` adds to the prompt."""
+    gen_temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature of `adapters generate`; 0 = greedy."""
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from curriculum.tethers import MERGE_METHODS
+
+        return _registry_choice(v, MERGE_METHODS)
+
+
 class NucleusConfig(Section):
     """The whole configuration. One section per stage; `seed` seeds every random choice."""
 
@@ -298,6 +332,7 @@ class NucleusConfig(Section):
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
     explore: ExploreConfig = ExploreConfig()
+    adapters: AdaptersConfig = AdaptersConfig()
 
 
 def config_fields(model: type[BaseModel] = NucleusConfig, prefix: str = ""):

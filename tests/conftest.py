@@ -101,3 +101,31 @@ def trained_run_copy(trained_run, tmp_path) -> Path:
     dst = tmp_path / "trained"
     shutil.copytree(trained_run, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def adapters_run(trained_run, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The trained run with two neighbourhood adapters (two topics outside the nucleus, 40 steps
+    each): the real inputs of `nucleus adapters`. Returns (run dir, adapter ids)."""
+    import json
+
+    from pipeline import train
+    from pipeline.config import resolve_config
+    from pipeline.workspace import Workspace
+
+    run_dir = tmp_path_factory.mktemp("runs") / "adapters"
+    shutil.copytree(trained_run, run_dir)
+    ws = Workspace(run_dir)
+    cfg = resolve_config(ws.stored_config(), None, None)
+    nucleus_topics = json.loads((run_dir / "neighborhoods" / "nucleus.json").read_text())["topics"]
+    ids = [f"topic-{t}" for t in range(6) if t not in nucleus_topics][:2]
+    for nb in ids:
+        train.run(cfg, ws, nb)
+    return run_dir, ids
+
+
+@pytest.fixture
+def adapters_run_copy(adapters_run, tmp_path) -> tuple[Path, list[str]]:
+    dst = tmp_path / "adapters"
+    shutil.copytree(adapters_run[0], dst)
+    return dst, adapters_run[1]
