@@ -96,7 +96,7 @@ def read_lora(path: Path, name: str | None = None) -> LoraFactors:
         raise UserError(f"adapter '{path}': no {WEIGHTS}.") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"adapter '{path}': {WEIGHTS} is not a readable safetensors file ({e}). "
-                        f"Retrain it (`nucleus train --force -n <id>`) or remove the directory.") from None
+                        f"Retrain it (`nucleus train -n {path.name} --force`) or remove the directory.") from None
     rank = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", rank))
     factors = LoraFactors(name or path.name, rank, alpha / rank)

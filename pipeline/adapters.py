@@ -220,6 +220,8 @@ def open_adapter_set(cfg: NucleusConfig, ws: Workspace, entries: list[Entry], da
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.train.precision in ("auto", "bf16") else None
     aset = AdapterSet(model, tokenizer, _targets(cfg, ws, entries, data), embedder.encode, cfg.adapters.lru_size,
                       device, cfg.train.block_size, cfg.train.eval_batch_size, autocast)
+    for target in aset.targets.values():  # every adapter readable and made for this base, before any work
+        aset.check(target.id)
     aset.set_targets(_routing_ids(cfg, entries))
     return aset
 
