@@ -280,6 +280,66 @@ class RetrieveConfig(Section):
     """Passages returned per query."""
 
 
+BROKER_SCHEMES = ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
+RESULT_SCHEMES = ("file://", "redis://", "rediss://")
+
+
+class JobsConfig(Section):
+    """Celery jobs: where `explore` sends expansions and trainings, and how none is lost."""
+
+    mode: Literal["auto", "inline", "celery"] = "auto"
+    """`auto`: Celery when `broker_url` is set or `explore --workers N`, else jobs run in the orchestrator; `inline`/`celery` force one."""
+    broker_url: str = ""
+    """Celery broker; empty = the embedded `filesystem://` transport in `<run>/queue/` (one machine), else `redis://host:6379/0` or `amqp://...`."""
+    result_backend: str = ""
+    """Celery result backend; empty = files in `<run>/queue/results` (durable; every worker shares the run directory anyway)."""
+    queue_prefix: str = ""
+    """Prefix of the run's queue names; empty = derived from the run directory's path, so runs sharing a broker never share queues."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Starts of a job before it is marked failed; a worker error or a lost worker counts as one."""
+    lease_s: float = Field(default=120.0, gt=0)
+    """Seconds a job may go without a sign of life (a heartbeat, or its queue moving) before it is sent again."""
+    heartbeat_s: float | None = Field(default=None, gt=0)
+    """Seconds between a running job's heartbeats, at most half of `lease_s`; unset = `lease_s` / 6."""
+    time_limit_s: int = Field(default=6 * 3600, ge=1)
+    """Longest run of one job in seconds; a job running longer is stopped and counts as a failed attempt."""
+    concurrency: int = Field(default=1, ge=1)
+    """Solo worker processes a `nucleus worker` without `--gpus` starts (one job each at a time)."""
+    poll_s: float = Field(default=0.5, gt=0)
+    """Seconds between the orchestrator's looks at job states, and between the embedded transport's polls."""
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        if v and not v.startswith(BROKER_SCHEMES):
+            raise ValueError(f"must be empty (the embedded filesystem transport) or start with one of "
+                             f"{', '.join(BROKER_SCHEMES)}")
+        return v
+
+    @field_validator("result_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v and not v.startswith(RESULT_SCHEMES):
+            raise ValueError(f"must be empty (files in <run>/queue/results) or start with one of "
+                             f"{', '.join(RESULT_SCHEMES)}")
+        return v
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v and not all(c.isalnum() or c in "._-" for c in v):
+            raise ValueError("must use only letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("heartbeat_s")
+    @classmethod
+    def _heartbeat_below_lease(cls, v: float | None, info) -> float | None:
+        lease = info.data.get("lease_s")
+        if v is not None and lease is not None and v > lease / 2:
+            raise ValueError(f"must be at most half of jobs.lease_s ({lease}), or a live job looks lost")
+        return v
+
+
 class AdaptersConfig(Section):
     """`nucleus adapters`: load, route, score, generate with and merge the neighbourhood adapters."""
 
@@ -332,6 +392,7 @@ class NucleusConfig(Section):
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
     explore: ExploreConfig = ExploreConfig()
+    jobs: JobsConfig = JobsConfig()
     adapters: AdaptersConfig = AdaptersConfig()
 
 
