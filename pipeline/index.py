@@ -26,6 +26,7 @@ from retrieval import ann
 from retrieval.chunking import chunk_documents, embedding_text
 from retrieval.corpus import CorpusSpec, load_documents
 from retrieval.embed import Embedder, embed_in_shards, get_embedder, resolve_model_path
+from retrieval.embed import embed_shard as embed_one_shard
 from retrieval.graph import TopicGraph
 from retrieval.topics import auto_num_topics, ctfidf_keywords, heldout_mask, spherical_kmeans
 
@@ -59,8 +60,9 @@ class IndexResult:
         return asdict(self)
 
 
-def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> IndexResult:
-    """Build (or resume, or skip) every artifact of the index stage."""
+def run(cfg: NucleusConfig, ws: Workspace, force: bool = False, executor=None) -> IndexResult:
+    """Build (or resume, or skip) every artifact of the index stage. With a `jobs` executor the
+    embedding shards are fanned out over its workers (`embed_shard` jobs)."""
     t0 = time.perf_counter()
     steps_run: list[str] = []
 
@@ -75,7 +77,7 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> IndexResult:
         steps_run.append("corpus")
     corpus = _load_corpus(ws)
     if force or not _step_done(ws.index_dir / "embeddings.json", cfg, "embed"):
-        _embed(cfg, ws, corpus, embedder(), force)
+        _embed(cfg, ws, corpus, embedder(), force, executor)
         steps_run.append("embed")
     vectors = None  # (passages, dim) float32, read once and only if a step below needs it
     if force or not _step_done(ws.index_dir / "index.json", cfg, "ann"):
@@ -137,10 +139,10 @@ def _load_corpus(ws: Workspace):
     return datasets.load_from_disk(str(ws.corpus_dir))
 
 
-def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force: bool) -> None:
+def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force: bool, executor=None) -> None:
     """Embed every passage in shards of `embed.shard_size`; finished shards survive a kill."""
     shard_dir = ws.index_dir / "shards"
-    state = _provenance(cfg, "embed", shard_size=cfg.embed.shard_size, passages=len(corpus))
+    state = _shard_state(cfg, len(corpus))
     state_file = shard_dir / "shards.json"
     if force or not state_file.is_file() or read_json(state_file) != state:
         with atomic_path(shard_dir) as tmp:
@@ -148,6 +150,10 @@ def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force:
             atomic_write_json(tmp / "shards.json", state)
     texts = [embedding_text(t, x) for t, x in zip(corpus["title"], corpus["text"])]
     t0 = time.perf_counter()
+    if executor is not None:  # workers write the missing shards; embed_in_shards then finds them all
+        n_shards = -(-len(texts) // cfg.embed.shard_size)
+        executor.wait([executor.submit("embed", shard=i) for i in range(n_shards)
+                       if not (shard_dir / f"{i:05d}.npy").is_file()])
     vectors = embed_in_shards(embedder, texts, shard_dir, cfg.embed.shard_size)
     log.info("embed: %d passages in %.1f s (%.1f passages/s, including shards already there)",
              len(vectors), time.perf_counter() - t0, len(vectors) / (time.perf_counter() - t0))
@@ -158,6 +164,30 @@ def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force:
                       _provenance(cfg, "embed", count=len(vectors), dim=int(vectors.shape[1]),
                                   dtype=str(vectors.dtype), model=cfg.embed.model))
     shutil.rmtree(shard_dir, ignore_errors=True)  # only needed to resume; embeddings.npy has it all
+
+
+def _shard_state(cfg: NucleusConfig, passages: int) -> dict:
+    return _provenance(cfg, "embed", shard_size=cfg.embed.shard_size, passages=passages)
+
+
+def embed_shard(cfg: NucleusConfig, ws: Workspace, shard: int) -> dict:
+    """One worker's share of the `embed` step: shard `shard` of the passages into
+    `index/shards/NNNNN.npy` (by rename), exactly the file the step itself would write."""
+    shard_dir = ws.index_dir / "shards"
+    corpus = _load_corpus(ws)
+    state_file = shard_dir / "shards.json"
+    if not state_file.is_file() or read_json(state_file) != _shard_state(cfg, len(corpus)):
+        raise UserError(f"embed_shard: '{state_file}' does not describe an embedding with this config; "
+                        f"`nucleus index` writes it before it sends shards.")
+    n_shards = -(-len(corpus) // cfg.embed.shard_size)
+    if not 0 <= shard < n_shards:
+        raise UserError(f"embed_shard: shard must be in [0, {n_shards - 1}], got {shard}.")
+    if (shard_dir / f"{shard:05d}.npy").is_file():
+        return {"shard": shard, "skipped": True}
+    texts = [embedding_text(t, x) for t, x in zip(corpus["title"], corpus["text"])]
+    embedder = get_embedder(cfg.embed.model, cfg.embed.device, cfg.embed.dtype, cfg.embed.batch_size)
+    vectors = embed_one_shard(embedder, texts, shard_dir, cfg.embed.shard_size, shard)
+    return {"shard": shard, "passages": len(vectors), "skipped": False}
 
 
 def _build_ann(cfg: NucleusConfig, ws: Workspace, vectors: np.ndarray) -> None:

@@ -91,8 +91,6 @@ def embed_in_shards(embedder: Embedder, texts: list[str], shard_dir: Path, shard
     """
     from tqdm.auto import tqdm
 
-    from pipeline.atomic import atomic_path
-
     n = len(texts)
     n_shards = (n + shard_size - 1) // shard_size
     done = {i for i in range(n_shards) if (shard_dir / f"{i:05d}.npy").is_file()}
@@ -101,9 +99,17 @@ def embed_in_shards(embedder: Embedder, texts: list[str], shard_dir: Path, shard
     for i in range(n_shards):
         if i in done:
             continue
-        vecs = embedder.encode(texts[i * shard_size:(i + 1) * shard_size])
-        with atomic_path(shard_dir / f"{i:05d}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, vecs)
-        bar.update(len(vecs))
+        bar.update(len(embed_shard(embedder, texts, shard_dir, shard_size, i)))
     bar.close()
     return np.concatenate([np.load(shard_dir / f"{i:05d}.npy") for i in range(n_shards)])
+
+
+def embed_shard(embedder: Embedder, texts: list[str], shard_dir: Path, shard_size: int, i: int) -> np.ndarray:
+    """Embed shard `i` of `texts` (passages i*shard_size onward) into `shard_dir/NNNNN.npy`, by rename.
+    Workers call this for their share of a corpus; the result is the shard `embed_in_shards` writes."""
+    from pipeline.atomic import atomic_path
+
+    vecs = embedder.encode(texts[i * shard_size:(i + 1) * shard_size])  # (<= shard_size, dim)
+    with atomic_path(shard_dir / f"{i:05d}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, vecs)
+    return vecs
