@@ -17,6 +17,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from jobs import ledger as job_ledger
+from jobs import worker as worker_service
+from jobs.executor import InlineExecutor, open_executor
 from pipeline import adapters as adapters_stage
 from pipeline import explore as explore_stage
 from pipeline import index as index_stage
@@ -26,7 +29,7 @@ from pipeline import retrieve as retrieve_stage
 from pipeline import run as run_stage
 from pipeline import train as train_stage
 from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
-from pipeline.errors import UserError
+from pipeline.errors import JobFailed, UserError
 from pipeline.workspace import Workspace
 
 # Command name -> stage function `run(cfg, ws, ...) -> Result`. tests/pipeline/test_cli.py keeps
@@ -41,8 +44,13 @@ STAGES: dict[str, Callable[..., Any]] = {
     "retrieve": retrieve_stage.run,
     "adapters": adapters_stage.run,
 }
+# Commands that serve or inspect a run rather than run a stage: Celery workers and the job ledger.
+SERVICES: dict[str, Callable[..., Any]] = {
+    "worker": worker_service.run,
+    "jobs": job_ledger.summary,
+}
 # Commands whose stage is not built yet -> the issue that builds it.
-NOT_BUILT: dict[str, int] = {"worker": 5}
+NOT_BUILT: dict[str, int] = {}
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Nucleus: knowledge-nucleated, curiosity-driven curriculum training.")
@@ -55,6 +63,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a config key: --set graph.k=8 (value parsed as YAML). Repeatable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage; accept config changes.")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", help="Start N local Celery workers for this command's jobs (stopped at the end); 0 = per jobs config.")]
 
 log = logging.getLogger("nucleus")
 
@@ -71,6 +81,9 @@ def _guard() -> Iterator[None]:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except JobFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: run the same command again to resume.", err=True)
         raise typer.Exit(130) from None
@@ -137,7 +150,7 @@ def _topics_human(topics: list[dict]) -> str:
 
 @app.command()
 def index(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False,
-          force: ForceOpt = False,
+          force: ForceOpt = False, workers: WorkersOpt = 0,
           topics: Annotated[bool, typer.Option("--topics", help="List the topics of a built index.")] = False):
     """Chunk, embed and index the corpus; cluster it into topics joined in a topic graph."""
     with _guard():
@@ -145,8 +158,9 @@ def index(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_
             _, ws = _reader("index --topics", run_dir, config, set_)
             _emit(index_stage.list_topics(ws), json_, _topics_human)
             return
-        with _stage("index", run_dir, config, set_, force) as (cfg, ws):
-            result = STAGES["index"](cfg, ws, force=force)
+        with _stage("index", run_dir, config, set_, force) as (cfg, ws), open_executor(cfg, ws, workers) as ex:
+            # embedding shards go to workers only when there are workers; in process, index embeds itself
+            result = STAGES["index"](cfg, ws, force=force, executor=None if isinstance(ex, InlineExecutor) else ex)
         _emit(result.to_json(), json_, _index_human)
 
 
@@ -221,11 +235,11 @@ def _explore_human(r: dict) -> str:
 
 @app.command()
 def explore(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False,
-            force: ForceOpt = False):
+            force: ForceOpt = False, workers: WorkersOpt = 0):
     """Explore: score the frontier, train the most promising neighbourhoods, learn from the progress."""
     with _guard():
-        with _stage("explore", run_dir, config, set_, force) as (cfg, ws):
-            result = STAGES["explore"](cfg, ws)
+        with _stage("explore", run_dir, config, set_, force) as (cfg, ws), open_executor(cfg, ws, workers) as ex:
+            result = STAGES["explore"](cfg, ws, ex)
         _emit(result.to_json(), json_, _explore_human)
 
 
@@ -357,6 +371,47 @@ def adapters_merge(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = No
 def adapters_eval(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
     """Routing accuracy, diagonal fraction, specialisation matrix, base/routed/merged perplexity."""
     _adapters("eval", run_dir, config, set_, json_)
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+@app.command()
+def worker(run_dir: RunDir,
+           queues: Annotated[Optional[str], typer.Option(
+               "--queues", "-Q", help="Queues to serve, comma-separated: expand,train,embed (default: all).")] = None,
+           concurrency: Annotated[Optional[int], typer.Option(
+               "--concurrency", help="Worker processes on a CPU machine (default: jobs.concurrency).")] = None,
+           gpus: Annotated[Optional[str], typer.Option(
+               "--gpus", help="One worker process per GPU, e.g. 0,1 (each sees only its GPU).")] = None,
+           config: ConfigFile = None, set_: SetOpt = None):
+    """Serve a run's job queues with Celery workers (broker from the run's config or --set jobs.broker_url=...)."""
+    with _guard():
+        ws = Workspace(run_dir)
+        cfg = _resolve(ws, config, set_)
+        code = SERVICES["worker"](cfg, ws, queues, concurrency, gpus, config, set_)
+    raise typer.Exit(code)
+
+
+def _jobs_human(r: dict) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in r["counts"].items())
+    lines = [f"jobs: {counts}" if r["jobs"] else "no jobs recorded in this run yet."]
+    for j in r["jobs"]:
+        lines.append(f"  {j['state']:<8} {j['job_id']:<48} attempts {j['attempts']}"
+                     + (f"  on {j['worker']}" if j["worker"] else ""))
+        if j["state"] == "failed" and j["error"]:
+            lines += [f"           {line}" for line in j["error"].splitlines()]
+    return "\n".join(lines)
+
+
+@app.command()
+def jobs(run_dir: RunDir, json_: JsonOpt = False):
+    """Show the run's jobs: pending, running, done and failed, with attempts and errors."""
+    with _guard():
+        ws = Workspace(run_dir)
+        if not ws.exists():
+            raise UserError(f"--run-dir '{run_dir}' is not a Nucleus run directory (no meta.json).")
+        _emit(SERVICES["jobs"](ws.root / "ledger.sqlite"), json_, _jobs_human)
 
 
 def _not_built(name: str) -> None:

@@ -26,3 +26,8 @@ def unknown_choice(what: str, name: str, choices: Iterable[str]) -> UserError:
     return UserError(
         f"unknown {what} '{name}'.{did_you_mean(name, choices)} Choose one of: {', '.join(choices)}."
     )
+
+
+class JobFailed(Exception):
+    """A job failed on every attempt (or was rejected): the message names each job, its attempts
+    and the worker's error. Exit 1 without a traceback: the traceback is the worker's."""

@@ -6,14 +6,14 @@ import pkgutil
 import pytest
 
 import pipeline
-from pipeline.cli import NOT_BUILT, STAGES, app
+from pipeline.cli import NOT_BUILT, SERVICES, STAGES, app
 from tests.conftest import nucleus
 
 
 def test_command_table_matches_typer_commands_and_stage_modules():
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    assert commands == set(STAGES) | set(NOT_BUILT) | {"config"}
-    assert set(STAGES).isdisjoint(NOT_BUILT)
+    assert commands == set(STAGES) | set(SERVICES) | set(NOT_BUILT) | {"config"}
+    assert set(STAGES).isdisjoint(NOT_BUILT) and set(SERVICES).isdisjoint(set(STAGES) | set(NOT_BUILT))
     stage_modules = {m.name for m in pkgutil.iter_modules(pipeline.__path__)
                      if hasattr(__import__(f"pipeline.{m.name}", fromlist=["run"]), "run")}
     assert stage_modules == set(STAGES)
