@@ -64,6 +64,11 @@ class Ledger:
                        " features) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (round_, nb_id, topic, json.dumps(topics), passages, score, predicted, json.dumps(features)))
 
+    def set_passages(self, nb_id: str, passages: int) -> None:
+        """A proposal's passage count, once its expansion is done."""
+        with self._connect() as db:
+            db.execute("UPDATE proposals SET passages=? WHERE nb_id=?", (passages, nb_id))
+
     def finish(self, nb_id: str, progress: float, forgetting: float, tokens: int, loss_before: float,
                loss_after: float) -> None:
         with self._connect() as db:

@@ -24,7 +24,7 @@ import torch
 
 from curriculum.curiosity import TopicFeatures, choose, frontier, learning_progress, make_policy, spearman
 from curriculum.curiosity import structural_features
-from curriculum.expansion import expand_passages, propose_topics
+from curriculum.expansion import propose_topics
 from curriculum.ledger import Ledger
 from curriculum.neighborhood import NUCLEUS, Neighborhood
 from curriculum.nucleation import pagerank
@@ -57,7 +57,14 @@ class ExploreResult:
         return asdict(self)
 
 
-def run(cfg: NucleusConfig, ws: Workspace) -> ExploreResult:
+def run(cfg: NucleusConfig, ws: Workspace, executor=None) -> ExploreResult:
+    """Explore round after round. Expansions and trainings are jobs of `executor` (default: the
+    one `jobs` config asks for: in this process, or Celery workers when a broker is set)."""
+    if executor is None:
+        from jobs.executor import open_executor
+
+        with open_executor(cfg, ws) as executor:
+            return run(cfg, ws, executor)
     ws.require("nucleate", "explore")
     if not ws.is_complete("train"):
         log.info("explore: the nucleus is not trained yet; training it first")
@@ -80,8 +87,9 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ExploreResult:
                 message = "every topic reachable from the nucleus is explored: nothing left on the frontier."
                 log.info("explore: %s", message)
                 break
+        jobs = _submit(executor, proposals)
         for p in proposals:
-            _train_and_learn(cfg, ws, ledger, policy, p)
+            _train_and_learn(cfg, ws, ledger, policy, p, executor, jobs)
         state = {"rounds_done": round_ + 1, "policy": policy.state_dict()}
         atomic_write_json(state_file, state)  # the round is complete: its updates are in the policy
     done = [p for p in ledger.proposals() if p["status"] == "done"]
@@ -105,7 +113,6 @@ class _Context:
     adjacency: dict[int, list[int]]
     centrality: np.ndarray
     centroids: np.ndarray
-    vectors: np.ndarray
     sizes: np.ndarray
     keywords: dict[int, list[str]]
     nucleus: list[int]
@@ -115,9 +122,8 @@ class _Context:
         graph = nucleate_stage.load_topic_graph(ws)
         topics = read_json(ws.topics_dir / "topics.json")["topics"]
         return cls(train_stage.RunData.load(ws), graph.adjacency(), pagerank(graph),
-                   np.load(ws.topics_dir / "centroids.npy"), np.load(ws.index_dir / "embeddings.npy"),
-                   np.array([t["size"] for t in topics]), {t["id"]: t["keywords"] for t in topics},
-                   nucleate_stage.load_neighborhood(ws, NUCLEUS).topics)
+                   np.load(ws.topics_dir / "centroids.npy"), np.array([t["size"] for t in topics]),
+                   {t["id"]: t["keywords"] for t in topics}, nucleate_stage.load_neighborhood(ws, NUCLEUS).topics)
 
 
 def _explored(ws: Workspace, ctx: _Context) -> tuple[set[int], dict[str, list[int]]]:
@@ -176,15 +182,10 @@ def _propose(cfg: NucleusConfig, ws: Workspace, ctx: _Context, ledger: Ledger, p
         topics = sorted({topic} | {t for t in propose_topics(topic, unexplored_adj, cfg.explore.k, rng)
                                    if t not in taken})
         taken.update(topics)
-        passages = expand_passages(
-            topics, ctx.data.topic_of, ctx.data.heldout, ctx.vectors, ctx.centroids, ctx.keywords,
-            lambda q, k: retriever.search_vectors(q, k)[1], retriever.embedder.encode,
-            cfg.explore.hits_per_query, cfg.explore.max_passages)
-        nb = Neighborhood(f"r{round_:02d}-t{topic}", topics, passages, parent=NUCLEUS, source="explore")
-        nucleate_stage.save_neighborhood(ws, nb)
-        ledger.propose(round_, nb.id, topic, topics, len(passages), score,
-                       None if predicted is None else float(predicted[i]), x[i].tolist())
-        log.info("round %d: %s topics %s, %d passages (score %.3f)", round_, nb.id, topics, len(passages), score)
+        nb_id = f"r{round_:02d}-t{topic}"  # its passages: the `expand` job (see _submit)
+        ledger.propose(round_, nb_id, topic, topics, 0, score, None if predicted is None else float(predicted[i]),
+                       x[i].tolist())
+        log.info("round %d: %s topics %s (score %.3f)", round_, nb_id, topics, score)
     return ledger.proposals(round_)
 
 
@@ -298,10 +299,25 @@ def _features(cfg: NucleusConfig, ws: Workspace, ctx: _Context, candidates: list
 # ---------------------------------------------------------------------------- training
 
 
-def _train_and_learn(cfg: NucleusConfig, ws: Workspace, ledger: Ledger, policy, p: dict) -> None:
-    """Train a proposal's adapter (skipped when already trained) and feed back its progress."""
+def _submit(executor, proposals: list[dict]) -> dict[str, tuple[str, str]]:
+    """Queue each unfinished proposal's expansion (retrieval: its passages) and, behind it, its
+    training. With workers the next proposals expand while the first ones train."""
+    jobs = {}
+    for p in proposals:
+        if p["status"] != "done":
+            expand = executor.submit("expand", nb_id=p["nb_id"], topics=p["topics"])
+            jobs[p["nb_id"]] = (expand, executor.submit("train", after=[expand], nb_id=p["nb_id"]))
+    return jobs
+
+
+def _train_and_learn(cfg: NucleusConfig, ws: Workspace, ledger: Ledger, policy, p: dict, executor,
+                     jobs: dict[str, tuple[str, str]]) -> None:
+    """Wait for a proposal's adapter (skipped when already trained) and feed back its progress."""
     if p["status"] != "done":
-        result = train_stage.run(cfg, ws, p["nb_id"])
+        expand, train = jobs[p["nb_id"]]
+        ledger.set_passages(p["nb_id"], executor.wait([expand])[expand]["passages"])
+        executor.wait([train])
+        result = train_stage.run(cfg, ws, p["nb_id"])  # the job's adapter: its stored result
         key = f"nb/{p['nb_id']}"
         before, after = result.metrics_before[f"{key}/loss"], result.metrics[f"{key}/loss"]
         forgetting = result.metrics["nucleus/loss"] - result.metrics_before["nucleus/loss"]
