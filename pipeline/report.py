@@ -5,6 +5,8 @@
 3. Per-topic perplexity before (base) and after (the topic's own adapter).
 4. Curiosity: predicted against realised learning progress, with Spearman rho.
 5. A table of neighbourhoods: topics, passages, tokens, loss before/after, progress, forgetting.
+6. A table of rabbit holes: each walk's path and its probe's progress, each generated text and
+   the topics it landed in.
 """
 
 from __future__ import annotations
@@ -42,14 +44,16 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ReportResult:
     matplotlib.use("Agg")  # files only, no display
     out = ws.root / "reports"
     out.mkdir(parents=True, exist_ok=True)
-    proposals = Ledger(ws.root / "ledger.sqlite").proposals() if (ws.root / "ledger.sqlite").is_file() else []
+    ledger = Ledger(ws.root / "ledger.sqlite") if (ws.root / "ledger.sqlite").is_file() else None
+    proposals = ledger.proposals() if ledger else []
+    holes = ledger.rabbit_holes() if ledger else []
     done = [p for p in proposals if p["status"] == "done"]
     plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _topic_plot(ws, out), _curiosity_plot(out, done)]
     plots = [p for p in plots if p]
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
     path = out / "report.html"
-    atomic_write_text(path, _html(ws, plots, done, rho))
+    atomic_write_text(path, _html(ws, plots, done, rho, holes))
     return ReportResult(str(path), plots, rho)
 
 
@@ -161,7 +165,23 @@ def _curiosity_plot(out: Path, done: list[dict]) -> str | None:
     return _save(fig, out / "curiosity.png")
 
 
-def _html(ws: Workspace, plots: list[str], done: list[dict], rho: float) -> str:
+def _holes_table(holes: list[dict]) -> str:
+    def row(h: dict) -> str:
+        if h["kind"] == "walk":
+            what = f"walk {' → '.join(map(str, h['path']))}; probe of topic {h['topic']}"
+            result = "" if h["progress"] is None else f"{h['progress']:+.4f} / 1k tok"
+        else:
+            what = f"from topic {h['topic']}: “{html.escape((h['text'] or '')[:160])}”"
+            result = f"landed in {h['path']}" if h["path"] else "landed in explored topics only"
+        return f"<tr><td>{h['round']}</td><td>{h['kind']}</td><td style='text-align:left'>{what}</td><td>{result}</td></tr>"
+
+    if not holes:
+        return "<p>None.</p>"
+    return ("<table><tr><th>round</th><th>kind</th><th>rabbit hole</th><th>result</th></tr>"
+            + "".join(row(h) for h in holes) + "</table>")
+
+
+def _html(ws: Workspace, plots: list[str], done: list[dict], rho: float, holes: list[dict]) -> str:
     rows = "".join(
         f"<tr><td>{p['round']}</td><td>{html.escape(p['nb_id'])}</td><td>{p['topics']}</td><td>{p['passages']}</td>"
         f"<td>{p['tokens']:,}</td><td>{p['loss_before']:.3f}</td><td>{p['loss_after']:.3f}</td>"
@@ -176,5 +196,6 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;te
 <h2>Neighbourhoods</h2>
 <table><tr><th>round</th><th>neighbourhood</th><th>topics</th><th>passages</th><th>tokens</th><th>loss before</th>
 <th>loss after</th><th>progress / 1k tok</th><th>nucleus forgetting</th></tr>{rows}</table>
+<h2>Rabbit holes</h2>{_holes_table(holes)}
 <h2>Plots</h2>{images}</body></html>
 """

@@ -1,5 +1,3 @@
-import json
-
 from pipeline import explore, report
 from pipeline import run as run_stage
 from pipeline.config import resolve_config
@@ -28,5 +26,7 @@ def test_report_plots_what_the_ledger_holds(trained_run_copy):
     for name in result.plots:
         png = trained_run_copy / "reports" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="{name}"' in page
-    rows = json.loads(json.dumps([line for line in page.splitlines() if "<tr><td>" in line]))
-    assert sum(r.count("<tr><td>") for r in rows) == 2  # one table row per trained neighbourhood
+    neighbourhoods, holes = page.split("<h2>Rabbit holes</h2>")
+    assert neighbourhoods.count("<tr><td>") == 2  # one table row per trained neighbourhood
+    holes = holes.split("<h2>Plots</h2>")[0]  # one walk probe and one generative hole (the defaults)
+    assert holes.count("<tr><td>") == 2 and "<td>walk</td>" in holes and "<td>generative</td>" in holes
