@@ -32,9 +32,10 @@ from curriculum.adapters import AdapterSet, Target
 from curriculum.neighborhood import NUCLEUS, check_nb_id
 from curriculum.tethers import (add_merged_adapter, compat_matrix, merge_groups, merge_id, read_adapter_config,
                                 read_lora, read_merges, record_merge)
+from pipeline import __version__
 from pipeline import nucleate as nucleate_stage
 from pipeline.atomic import TMP_PREFIX, atomic_path, atomic_write_json, read_json, remove_path
-from pipeline.config import NucleusConfig
+from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import UserError, unknown_choice
 from pipeline.lm_data import passage_texts
 from pipeline.model import load_pretrained, resolve_device
@@ -310,7 +311,8 @@ def _save_merge(cfg: NucleusConfig, ws: Workspace, members: list[Entry], weights
             "neighborhood": {"id": mid, "topics": topics, "passage_ids": [], "parent": NUCLEUS, "source": "merge"},
             "topics": topics, "merged_from": [e.id for e in members], "weights": weights,
             "method": cfg.adapters.merge_method, "threshold": cfg.adapters.merge_threshold, "compat": pairs,
-            "tokens_seen": sum(e.info.get("tokens_seen") or 0 for e in members), "finished": now()})
+            "tokens_seen": sum(e.info.get("tokens_seen") or 0 for e in members),
+            "config_hash": section_hash(cfg, ("adapters",)), "version": __version__, "finished": now()})
 
 
 def evaluate(cfg: NucleusConfig, ws: Workspace, entries: list[Entry], aset: AdapterSet) -> dict:

@@ -1,0 +1,357 @@
+"""Routed neighbourhood adapters against one adapter on their union, same tokens, same adapter
+parameters; a random-split control; and merges. The issue-6 benchmark.
+
+Data (fixed across seeds): WikiText-2 articles chunked as `nucleus index` chunks them,
+embedded with all-MiniLM-L6-v2, clustered into topics (spherical k-means: scikit-learn
+k-means on unit vectors), a kNN topic graph, a held-out split of 10% of every topic. The
+nucleus is the 20% most central topics (PageRank), as `nucleate` picks it without a seed
+graph; `--neighbourhoods` neighbourhoods are explored from it breadth-first (the frontier
+topic most similar to the explored set, plus its most similar unexplored graph neighbour).
+
+Per seed (the BPE tokenizer is trained once): a scratch base (`--preset`) trained in full on
+the nucleus, then on that base
+
+  routed    one LoRA adapter of rank r per neighbourhood, `--epochs` over its train passages,
+            routed per held-out passage to the nearest neighbourhood centroid (full passage,
+            and the title line only, which barely overlaps the scored tokens)
+  mixture   the same adapters, top-2 c-BTM mixture (weights softmax(-d / 0.1))
+  own       each passage under its own neighbourhood's adapter (label routing, a reference)
+  union     ONE adapter of rank n*r (the same parameter count) trained on the union of the
+            same passages for the sum of the steps (the same tokens)
+  random    the control: the union's passages split at random into n groups of the
+            neighbourhoods' sizes, one rank-r adapter each with the same steps, routed the same way
+  merged    the neighbourhood adapters merged into one (`linear`: the exact weighted sum of
+            deltas, rank n*r like union), with weights 1/n (mean) and 1 (sum)
+
+all scored on the held-out passages of the explored topics (token-weighted perplexity).
+gain = 1 - ppl(routed) / ppl(union); control recovery = (ppl(union) - ppl(random)) /
+(ppl(union) - ppl(routed)). The script stops if the arms' tokens or parameters differ.
+
+Imports only torch, transformers, peft, sentence-transformers, numpy and scikit-learn (no
+faiss, datasets, pydantic or celery: the GPU image lacks them).
+
+    python benchmarks/adapters_routing.py --tiny --json-out /tmp/adapters_tiny.json       # CPU check
+    python benchmarks/adapters_routing.py --data /tmp/wt2/train.txt \\
+        --embedder .device/minilm-fp16 --seeds 0 1 2 --json-out $OUT/adapters_routing.json  # H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from curriculum.adapter_eval import evaluate_adapters  # noqa: E402
+from curriculum.adapters import AdapterSet, Target  # noqa: E402
+from curriculum.nucleation import central_topics  # noqa: E402
+from curriculum.samplers import make_sampler  # noqa: E402
+from pipeline.lm_data import Blocks, pack_by_topic, tokenize  # noqa: E402
+from pipeline.model import build_scratch_model, count_parameters, train_tokenizer  # noqa: E402
+from pipeline.trainer import FitSettings, fit  # noqa: E402
+from retrieval.chunking import chunk_documents, embedding_text  # noqa: E402
+from retrieval.corpus import split_wikitext_articles  # noqa: E402
+from retrieval.embed import Embedder  # noqa: E402
+from retrieval.graph import TopicGraph  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "train.txt"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="WikiText-2 file (train.txt)")
+    p.add_argument("--articles", type=int, default=None, help="use only the first N articles")
+    p.add_argument("--embedder", default="default", help="sentence-transformers path; default = bundled MiniLM")
+    p.add_argument("--topics", type=int, default=64)
+    p.add_argument("--graph-k", type=int, default=6)
+    p.add_argument("--neighbourhoods", type=int, default=8, help="explored neighbourhoods (adapters)")
+    p.add_argument("--topics-per-nb", type=int, default=2, help="a frontier topic plus this many - 1 neighbours")
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--base-steps", type=int, default=500, help="about 4 passes over the nucleus at the defaults")
+    p.add_argument("--base-lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lora-lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=float, default=3.0, help="adapter passes over its neighbourhood's blocks")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder for adapters (default: a temp dir)")
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: WikiText-2 valid, few articles, tiny model")
+    args = p.parse_args()
+    if args.tiny:
+        args.data = args.data if args.data != DEFAULT_DATA else DEFAULT_DATA.with_name("valid.txt")
+        args.articles = args.articles or 24
+        args.topics, args.graph_k, args.neighbourhoods, args.preset, args.vocab = 10, 3, 3, "tiny", 2048
+        args.block_size, args.batch_size, args.base_steps, args.base_lr = 64, 16, 60, 3e-3
+        args.lora_lr, args.epochs, args.seeds, args.device = 5e-3, 2.0, args.seeds[:2], "cpu"
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_passages(path: Path, articles: int | None, embedder: Embedder) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    docs = [{"doc_id": i, "title": t, "text": b} for i, (t, b) in enumerate(split_wikitext_articles(text))]
+    docs = docs[:articles] if articles else docs
+    return list(chunk_documents(docs, embedder.tokenizer, max_tokens=128, min_tokens=24))
+
+
+def spherical_kmeans(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, unit centroids) of k-means on unit vectors (cosine geometry)."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(vectors)
+    centroids = km.cluster_centers_ / np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True)
+    return (vectors @ centroids.T).argmax(1), centroids.astype(np.float32)
+
+
+def heldout_split(topic_of: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(topic_of), dtype=bool)
+    for t in np.unique(topic_of):
+        rows = np.flatnonzero(topic_of == t)
+        n = max(1, int(round(fraction * len(rows)))) if len(rows) > 2 else 0
+        held[rng.choice(rows, n, replace=False)] = True
+    return held
+
+
+def explore_breadth_first(centroids: np.ndarray, adjacency: dict[int, list[int]], nucleus: list[int],
+                          n: int, per_nb: int) -> list[list[int]]:
+    """Neighbourhoods in the order the `nearest` policy takes them: the frontier topic most
+    similar to the explored set, plus its most similar unexplored neighbours."""
+    explored, out = set(nucleus), []
+    while len(out) < n:
+        frontier = sorted({t for e in explored for t in adjacency[e]} - explored)
+        if not frontier:
+            frontier = sorted(set(range(len(centroids))) - explored)
+        if not frontier:
+            break
+        mean = centroids[sorted(explored)].mean(0)
+        topic = max(frontier, key=lambda t: float(centroids[t] @ mean))
+        unexplored = [x for x in adjacency[topic] if x not in explored and x != topic]
+        extra = sorted(unexplored, key=lambda x: -float(centroids[x] @ centroids[topic]))[: per_nb - 1]
+        nb = sorted({topic, *extra})
+        out.append(nb)
+        explored |= set(nb)
+    return out
+
+
+# ------------------------------------------------------------------------- training
+
+
+def blocks_for(tokenizer, texts: list[str], groups: list[int], block_size: int) -> Blocks:
+    return pack_by_topic(tokenize(tokenizer, texts), groups, block_size, tokenizer.pad_token_id)
+
+
+def train_model(model, blocks: Blocks, steps: int, lr: float, args, seed: int, desc: str) -> int:
+    device = torch.device(args.device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    settings = FitSettings(steps=steps, lr=lr, batch_size=args.batch_size, warmup_steps=min(20, steps // 10),
+                           eval_every=10**9, checkpoint_every=10**9, log_every=max(1, steps // 5),
+                           autocast_dtype=autocast)
+    torch.manual_seed(seed)
+    result = fit(model.to(device), blocks, lambda: iter(make_sampler("uniform", blocks.topics, args.batch_size,
+                                                                      seed=seed)),
+                 settings, device, desc=desc)
+    return result.tokens
+
+
+def train_adapter(base_dir: Path, blocks: Blocks, steps: int, rank: int, alpha: float, args, seed: int,
+                  out: Path) -> tuple[int, int]:
+    """(tokens, trainable parameters) of one LoRA adapter saved to `out`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = count_parameters(model, trainable_only=True)
+    tokens = train_model(model, blocks, steps, args.lora_lr, args, seed, desc=out.name)
+    model.save_pretrained(out)
+    return tokens, params
+
+
+# ----------------------------------------------------------------------------- one seed
+
+
+def run_seed(seed: int, args, data: dict, work: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    texts, topic_of, held, tokenizer = data["texts"], data["topic_of"], data["heldout"], data["tokenizer"]
+    train_rows = np.flatnonzero(~held)
+    base = build_scratch_model(tokenizer, args.preset, seed)
+    nuc_rows = [i for i in train_rows if topic_of[i] in data["nucleus"]]
+    base_tokens = train_model(base, blocks_for(tokenizer, [texts[i] for i in nuc_rows], [0] * len(nuc_rows),
+                                               args.block_size), args.base_steps, args.base_lr, args, seed, "base")
+    base_dir = work / f"seed{seed}" / "base"
+    base.cpu().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+
+    nbs, n = data["neighbourhoods"], len(data["neighbourhoods"])
+    nb_rows = [[i for i in train_rows if topic_of[i] in nb] for nb in nbs]
+    rng = np.random.default_rng(1000 + seed)
+    union_rows = [i for rows in nb_rows for i in rows]
+    shuffled = rng.permutation(union_rows).tolist()
+    cuts = np.cumsum([0] + [len(r) for r in nb_rows])
+    random_rows = [shuffled[cuts[g]:cuts[g + 1]] for g in range(n)]
+
+    def blocks(rows, group=0):
+        return blocks_for(tokenizer, [texts[i] for i in rows], [group] * len(rows), args.block_size)
+
+    arms = {"routed": {}, "random": {}}
+    tokens = {"routed": 0, "random": 0, "union": 0}
+    params = {"routed": 0, "random": 0, "union": 0}
+    steps = []
+    for g in range(n):
+        b = blocks(nb_rows[g])
+        steps.append(max(1, math.ceil(args.epochs * len(b) / args.batch_size)))
+        for arm, rows in (("routed", nb_rows[g]), ("random", random_rows[g])):
+            out = work / f"seed{seed}" / arm / f"nb{g}"
+            t, p = train_adapter(base_dir, b if arm == "routed" else blocks(rows), steps[g], args.rank, args.alpha,
+                                 args, seed + g, out)
+            tokens[arm] += t
+            params[arm] += p
+            arms[arm][f"nb{g}"] = (out, rows)
+    union_dir = work / f"seed{seed}" / "union" / "all"
+    tokens["union"], params["union"] = train_adapter(base_dir, blocks(union_rows), sum(steps), n * args.rank,
+                                                     n * args.alpha, args, seed, union_dir)
+    if len(set(params.values())) != 1:
+        raise SystemExit(f"adapter parameters differ between arms: {params}")
+    if max(tokens.values()) > 1.01 * min(tokens.values()):
+        raise SystemExit(f"training tokens differ between arms by more than 1%: {tokens}")
+
+    # Evaluation on the held-out passages of the explored topics.
+    explored = sorted({t for nb in nbs for t in nb})
+    eval_rows = [i for i in np.flatnonzero(held) if topic_of[i] in explored]
+    eval_texts = [texts[i] for i in eval_rows]
+    vectors = data["vectors"][eval_rows]
+    title_vectors = data["title_vectors"][eval_rows]
+    topics = topic_of[eval_rows]
+    res: dict = {"seed": seed, "tokens": tokens, "adapter_params": params, "steps": steps, "base_tokens": base_tokens,
+                 "eval_passages": len(eval_rows)}
+
+    def adapter_set(arm: str) -> AdapterSet:
+        targets = [Target(name, path, data["vectors"][rows].mean(0)) for name, (path, rows) in arms[arm].items()]
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        return AdapterSet(model, tokenizer, targets, None, lru_size=2 * n + 2, device=args.device,
+                          block_size=args.block_size, batch_size=64,
+                          autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
+
+    aset = adapter_set("routed")
+    aset.add_merged("merged-mean", list(arms["routed"]), [1.0 / n] * n, "linear")
+    aset.add_merged("merged-sum", list(arms["routed"]), [1.0] * n, "linear")
+    seqs = aset.sequences(eval_texts)
+    m = evaluate_adapters(aset, seqs, vectors, topics, {f"nb{g}": nbs[g] for g in range(n)}, list(arms["routed"]),
+                          mixture_k=2, temperature=0.1, merged_all="merged-mean")
+    res.update({k: v for k, v in m.items() if not k.startswith("spec/")})
+    title_routes = aset.router.route(title_vectors, 1)
+    res["ppl/routed_title"] = _ppl(aset.score_routed(seqs, title_routes))
+    res["routing_accuracy_title"] = float(np.mean([r[0][0] in {f"nb{g}" for g in range(n) if t in nbs[g]}
+                                                   for r, t in zip(title_routes, topics)]))
+    res["ppl/merged_sum"] = _ppl(aset.score_routed(seqs, [[("merged-sum", 1.0)]] * len(seqs)))
+    res["ppl/merged_mean"] = res.pop("ppl/merged_all")
+    rset = adapter_set("random")
+    res["ppl/random"] = _ppl(rset.score_routed(seqs, rset.route(eval_texts, vectors=vectors)))
+    res["ppl/random_title"] = _ppl(rset.score_routed(seqs, rset.route(eval_texts, vectors=title_vectors)))
+    uset = AdapterSet(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer,
+                      [Target("union", union_dir, np.ones(vectors.shape[1], dtype=np.float32))], None,
+                      device=args.device, block_size=args.block_size, batch_size=64,
+                      autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
+    res["ppl/union"] = _ppl(uset.score_routed(seqs, [[("union", 1.0)]] * len(seqs)))
+    res["gain"] = 1 - res["ppl/routed"] / res["ppl/union"]
+    res["gain_title"] = 1 - res["ppl/routed_title"] / res["ppl/union"]
+    res["control_recovery"] = ((res["ppl/union"] - res["ppl/random"]) / (res["ppl/union"] - res["ppl/routed"])
+                               if res["ppl/union"] != res["ppl/routed"] else float("nan"))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def _ppl(scored) -> float:
+    return float(math.exp(sum(s.nll for s in scored) / sum(s.tokens for s in scored)))
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def prepare(args) -> dict:
+    t0 = time.perf_counter()
+    embedder = Embedder(args.embedder, "cuda" if args.device.startswith("cuda") else "cpu", "auto", 256)
+    passages = load_passages(args.data, args.articles, embedder)
+    texts = [embedding_text(p["title"], p["text"]) for p in passages]
+    vectors = embedder.encode(texts)
+    title_vectors = embedder.encode([p["title"] for p in passages])
+    topic_of, centroids = spherical_kmeans(vectors, args.topics)
+    graph = TopicGraph.build("knn", centroids, k=args.graph_k)
+    nucleus = central_topics(graph, 0.2)
+    nbs = explore_breadth_first(centroids, graph.adjacency(), nucleus, args.neighbourhoods, args.topics_per_nb)
+    held = heldout_split(topic_of, 0.1)
+    tokenizer = train_tokenizer([texts[i] for i in np.flatnonzero(~held)], args.vocab)  # the same in every seed
+    print(f"data: {len(passages)} passages, {args.topics} topics, nucleus {nucleus}, neighbourhoods {nbs}, "
+          f"{int(held.sum())} held out ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"texts": texts, "vectors": vectors, "title_vectors": title_vectors, "topic_of": topic_of,
+            "heldout": held, "nucleus": nucleus, "neighbourhoods": nbs, "tokenizer": tokenizer,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+KEYS = ["ppl/base", "ppl/union", "ppl/routed", "ppl/routed_title", "ppl/mixture", "ppl/own", "ppl/random",
+        "ppl/random_title", "ppl/merged_mean", "ppl/merged_sum", "gain", "gain_title", "control_recovery",
+        "routing_accuracy", "routing_accuracy_title", "diagonal_fraction"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for k in KEYS:
+        vals = [r[k] for r in rows if r[k] == r[k]]
+        out[k] = {"mean": statistics.fmean(vals) if vals else float("nan"),
+                  "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_float32_matmul_precision("high")
+    data = prepare(args)
+    work = args.work or Path(tempfile.mkdtemp(prefix="nucleus-adapters-bench-"))
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    rows = []
+    for seed in args.seeds:
+        rows.append(run_seed(seed, args, data, work))
+        r = rows[-1]
+        print(f"seed {seed}: union {r['ppl/union']:.2f}  routed {r['ppl/routed']:.2f} (title {r['ppl/routed_title']:.2f})"
+              f"  random {r['ppl/random']:.2f}  merged {r['ppl/merged_mean']:.2f}  gain {r['gain']:+.3f}"
+              f"  control recovery {r['control_recovery']:.2f}  routing {r['routing_accuracy']:.3f}"
+              f"  ({r['seconds']} s)", flush=True)
+        summary = summarise(rows)
+        report = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device,
+                  "torch": torch.__version__, "nucleus": data["nucleus"], "neighbourhoods": data["neighbourhoods"],
+                  "passages": len(data["texts"]), "prepare_seconds": data["seconds"], "seeds": rows,
+                  "summary": summary}
+        if args.json_out:  # after every seed: a run cut short keeps what it measured
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(report, indent=2))
+    print(f"\n{'metric':<24}{'mean':>10}{'std':>9}   ({len(rows)} seeds, {device})")
+    for k in KEYS:
+        print(f"{k:<24}{summary[k]['mean']:>10.4f}{summary[k]['std']:>9.4f}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
