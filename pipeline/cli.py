@@ -49,8 +49,6 @@ SERVICES: dict[str, Callable[..., Any]] = {
     "worker": worker_service.run,
     "jobs": job_ledger.summary,
 }
-# Commands whose stage is not built yet -> the issue that builds it.
-NOT_BUILT: dict[str, int] = {}
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Nucleus: knowledge-nucleated, curiosity-driven curriculum training.")
@@ -412,22 +410,6 @@ def jobs(run_dir: RunDir, json_: JsonOpt = False):
         if not ws.exists():
             raise UserError(f"--run-dir '{run_dir}' is not a Nucleus run directory (no meta.json).")
         _emit(SERVICES["jobs"](ws.root / "ledger.sqlite"), json_, _jobs_human)
-
-
-def _not_built(name: str) -> None:
-    issue = NOT_BUILT[name]
-
-    def command(ctx: typer.Context) -> None:
-        typer.echo(f"error: `nucleus {name}` is not built yet (it lands with issue #{issue}).", err=True)
-        raise typer.Exit(2)
-
-    command.__doc__ = f"(not built yet: issue #{issue})"
-    app.command(name, context_settings={"allow_extra_args": True,
-                                        "ignore_unknown_options": True})(command)
-
-
-for _name in NOT_BUILT:
-    _not_built(_name)
 
 
 # ------------------------------------------------------------------------------ config

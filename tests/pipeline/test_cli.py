@@ -3,28 +3,21 @@
 import json
 import pkgutil
 
-import pytest
 
 import pipeline
-from pipeline.cli import NOT_BUILT, SERVICES, STAGES, app
+from pipeline.cli import SERVICES, STAGES, app
 from tests.conftest import nucleus
 
 
 def test_command_table_matches_typer_commands_and_stage_modules():
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    assert commands == set(STAGES) | set(SERVICES) | set(NOT_BUILT) | {"config"}
-    assert set(STAGES).isdisjoint(NOT_BUILT) and set(SERVICES).isdisjoint(set(STAGES) | set(NOT_BUILT))
+    assert commands == set(STAGES) | set(SERVICES) | {"config"}
+    assert set(SERVICES).isdisjoint(STAGES)
     stage_modules = {m.name for m in pkgutil.iter_modules(pipeline.__path__)
                      if hasattr(__import__(f"pipeline.{m.name}", fromlist=["run"]), "run")}
     assert stage_modules == set(STAGES)
     for name, fn in STAGES.items():
         assert fn.__module__ == f"pipeline.{name}"
-
-
-@pytest.mark.parametrize("command", sorted(NOT_BUILT))
-def test_commands_not_built_yet_say_so_and_exit_2(command, tmp_path):
-    r = nucleus(command, "--run-dir", str(tmp_path))
-    assert r.returncode == 2 and "not built yet" in r.stderr and "Traceback" not in r.stderr
 
 
 def _bad(r, *needles):
