@@ -26,6 +26,8 @@ import kombu.transport
 from celery import Celery
 from celery.backends.filesystem import FilesystemBackend
 from kombu.transport import filesystem as kombu_fs
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.json import dumps
 from kombu.utils.encoding import str_to_bytes
 
@@ -84,6 +86,7 @@ def make_app(cfg: NucleusConfig, ws: Workspace) -> Celery:
         broker = j.broker_url
         transport_options = {"visibility_timeout": j.time_limit_s + VISIBILITY_MARGIN_S}
         if broker.startswith(("redis://", "rediss://")):
+            broker = "nucleus" + broker  # the Redis transport below, same URL
             transport_options.update(global_keyprefix=f"{queue_prefix(cfg, ws)}:", socket_timeout=10,
                                      socket_connect_timeout=5)
     if j.result_backend and not j.result_backend.startswith("file://"):
@@ -151,5 +154,30 @@ class AtomicFilesystemTransport(kombu_fs.Transport):
     global_state = kombu_fs.virtual.BrokerState()
 
 
+class _RedisQoS(kombu_redis.QoS):
+    """Frees the message's prefetch slot even when its ack cannot reach Redis (Redis restarted
+    while the job ran). Otherwise a worker with prefetch 1 never asks for another message, so it
+    never notices the dead connection, and stalls for good. The unacknowledged message is then
+    Redis's to restore (visibility timeout) or was lost with it; the ledger covers both."""
+
+    def ack(self, delivery_tag):
+        try:
+            super().ack(delivery_tag)
+        except Exception:
+            if delivery_tag in self._delivered:
+                virtual.QoS.ack(self, delivery_tag)
+            raise
+
+
+class _RedisChannel(kombu_redis.Channel):
+    QoS = _RedisQoS
+
+
+class RedisTransport(kombu_redis.Transport):
+    Channel = _RedisChannel
+
+
 EMBEDDED_SCHEME = "nucleusfs"
 kombu.transport.TRANSPORT_ALIASES.setdefault(EMBEDDED_SCHEME, "jobs.app:AtomicFilesystemTransport")
+kombu.transport.TRANSPORT_ALIASES.setdefault("nucleusredis", "jobs.app:RedisTransport")
+kombu.transport.TRANSPORT_ALIASES.setdefault("nucleusrediss", "jobs.app:RedisTransport")

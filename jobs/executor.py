@@ -176,8 +176,10 @@ class CeleryExecutor:
         metas = {cid: self._meta(cid) for cid in row["celery_ids"]}
         for cid, meta in metas.items():  # any message's success finishes the job
             if meta and meta.get("status") == "SUCCESS":
-                self.ledger.update(jid, state="done", result=meta.get("result"), finished=now)  # error: a lost run
-                log.info("job %s done (attempts %d)", jid, max(row["attempts"], 1))
+                # a run too short to be seen running still counts as one attempt
+                attempts = row["attempts"] + (0 if any(t.startswith(f"{cid}|") for t in row["tokens"]) else 1)
+                self.ledger.update(jid, state="done", result=meta.get("result"), finished=now, attempts=attempts)
+                log.info("job %s done (attempts %d)", jid, attempts)  # `error` keeps a lost run's, if any
                 return
         fields = self._observe_runs(row, metas, now)
         row = {**row, **fields}

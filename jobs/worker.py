@@ -107,10 +107,19 @@ def _child_command(ws: Workspace, queues: list[str], config_file: Path | None, s
     return cmd
 
 
+def _threads_env(n_processes: int) -> dict[str, str]:
+    """CPU threads per worker process: the machine's cores shared out (unless already set), so N
+    trainings on one CPU machine do not oversubscribe it."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_processes))}
+
+
 def _supervise(ws: Workspace, p: WorkerPlan, config_file: Path | None, sets: list[str]) -> int:
     """Several worker processes: start them, pass SIGTERM/SIGINT on, wait for all."""
     cmd = _child_command(ws, p.queues, config_file, sets)
-    children = [subprocess.Popen(cmd, env={**os.environ, **extra, PARENT_ENV: str(os.getpid())})
+    threads = {} if "CUDA_VISIBLE_DEVICES" in p.processes[0] else _threads_env(len(p.processes))
+    children = [subprocess.Popen(cmd, env={**os.environ, **threads, **extra, PARENT_ENV: str(os.getpid())})
                 for extra in p.processes]
     log.info("started %d worker processes: %s", len(children), [c.pid for c in children])
 
@@ -160,7 +169,8 @@ def start_local_workers(ws: Workspace, n: int) -> list[LocalWorker]:
         path = logs / f"local-{stamp}-{i}.log"
         with open(path, "ab") as out:
             proc = LocalWorker(_child_command(ws, ["expand", "train", "embed"], None, []), stdout=out,
-                               stderr=subprocess.STDOUT, env={**os.environ, PARENT_ENV: str(os.getpid())})
+                               stderr=subprocess.STDOUT,
+                               env={**os.environ, **_threads_env(n), PARENT_ENV: str(os.getpid())})
         proc.log_path = path
         procs.append(proc)
     log.info("started %d local workers (logs in %s)", n, logs)
