@@ -280,9 +280,10 @@ def record_merge(ledger: Path, merge_id_: str, members: list[str], method: str, 
 def read_merges(ledger: Path) -> list[dict]:
     if not Path(ledger).is_file():
         return []
-    with sqlite3.connect(ledger, timeout=30) as db:
+    with sqlite3.connect(ledger, timeout=30) as db:  # reads only: no table made here
         db.row_factory = sqlite3.Row
-        db.executescript(MERGES_SCHEMA)
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='merges'").fetchone():
+            return []
         rows = [dict(r) for r in db.execute("SELECT * FROM merges ORDER BY created, merge_id")]
     for r in rows:
         r["members"], r["weights"], r["compat"] = (json.loads(r["members"]), json.loads(r["weights"]),

@@ -7,6 +7,8 @@
 5. A table of neighbourhoods: topics, passages, tokens, loss before/after, progress, forgetting.
 6. A table of rabbit holes: each walk's path and its probe's progress, each generated text and
    the topics it landed in.
+7. Adapter training dynamics: each neighbourhood's held-out perplexity under its adapter while
+   it trains, with the merge points of `nucleus adapters merge` (tethers) marked.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ReportResult:
     proposals = ledger.proposals() if ledger else []
     holes = ledger.rabbit_holes() if ledger else []
     done = [p for p in proposals if p["status"] == "done"]
-    plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _topic_plot(ws, out), _curiosity_plot(out, done)]
+    plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _topic_plot(ws, out), _curiosity_plot(out, done),
+             _adapters_plot(ws, out)]
     plots = [p for p in plots if p]
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
@@ -97,6 +100,47 @@ def _graph_plot(ws: Workspace, out: Path, done: list[dict]) -> str:
     return _save(fig, out / "topic_graph.png")
 
 
+def _adapters_plot(ws: Workspace, out: Path) -> str | None:
+    """Own-neighbourhood held-out perplexity of each adapter against its training tokens; the
+    end of every merged member's curve is marked with its merge."""
+    import matplotlib.pyplot as plt
+
+    from curriculum.tethers import read_merges
+
+    path = ws.logs_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    curves: dict[str, dict[int, float]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        key = f"nb/{row.get('nb')}/ppl"
+        if row.get("nb") not in (None, NUCLEUS) and key in row and (ws.root / "adapters" / row["nb"]).is_dir():
+            curves.setdefault(row["nb"], {})[row["tokens"]] = row[key]  # the latest run wins per token count
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ends = {}
+    for nb, pts in sorted(curves.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", ms=3, lw=1.2, label=nb)
+        ends[nb] = (xs[-1], pts[xs[-1]])
+    merges = read_merges(ws.root / "ledger.sqlite")
+    for i, m in enumerate(merges):
+        pts = [ends[nb] for nb in m["members"] if nb in ends]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=":", color="tab:red", lw=1)  # one merge's members
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="X", s=90, color="tab:red", zorder=5,
+                       label="merged (tethers)" if i == 0 else None)
+            ax.annotate(m["merge_id"], pts[0], fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("training tokens of the adapter")
+    ax.set_ylabel("held-out perplexity of its neighbourhood")
+    ax.set_yscale("log")
+    ax.set_title(f"Adapter training dynamics; {len(merges)} merge(s) marked" if merges
+                 else "Adapter training dynamics (no merges yet: `nucleus adapters merge`)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out / "adapters.png")
+
+
 def _curves_plot(ws: Workspace, out: Path) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -128,7 +172,9 @@ def _topic_plot(ws: Workspace, out: Path) -> str | None:
     before, after = {}, {}
     for info_path in sorted((ws.root / "adapters").glob("*/neighborhood.json")):
         info = read_json(info_path)
-        res = info["result"]
+        res = info.get("result")
+        if res is None:  # a merge (`nucleus adapters merge`): not trained, no before/after
+            continue
         for t in info["topics"]:
             key = f"topic/{t}/ppl"
             if key in res["metrics"] and (t not in after or res["metrics"][key] < after[t]):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import train
+from pipeline import report, train
 from pipeline.cli import app
 from pipeline.config import resolve_config
 from pipeline.workspace import Workspace, now
@@ -87,6 +87,9 @@ def test_every_action_on_a_real_run(adapters_run_copy):
     ev = _cli("adapters", "eval", *rd, "--json")
     assert ev["merges"] == 1 and ev["ppl/merged"] == pytest.approx(ev["ppl/merged_all"], rel=1e-6)
     assert m["id"] in [e["id"] for e in _cli("adapters", "list", *rd, "--json")]
+    # The report still builds with a merge among the adapters, and marks it on the adapters' curves.
+    ws = Workspace(run_dir)
+    assert "adapters.png" in report.run(resolve_config(ws.stored_config(), None, None), ws).plots
 
 
 def _alien_adapter(run_dir, tmp_path, nb: str) -> None:

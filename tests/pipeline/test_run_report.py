@@ -22,7 +22,8 @@ def test_report_plots_what_the_ledger_holds(trained_run_copy):
     explore.run(cfg, ws)
     result = report.run(cfg, ws)
     page = (trained_run_copy / "reports" / "report.html").read_text()
-    assert set(result.plots) == {"topic_graph.png", "learning_curves.png", "topic_perplexity.png", "curiosity.png"}
+    assert set(result.plots) == {"topic_graph.png", "learning_curves.png", "topic_perplexity.png", "curiosity.png",
+                                 "adapters.png"}
     for name in result.plots:
         png = trained_run_copy / "reports" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="{name}"' in page
