@@ -121,8 +121,9 @@ class CeleryExecutor:
         row = self.ledger.add(jid, kind, args, list(after))
         if row["args"] != args and row["state"] != "done":
             self.ledger.update(jid, args=json.dumps(args))
-        if row["state"] == "failed":  # a new command tries a failed job again, from zero attempts
-            self.ledger.update(jid, state="pending", attempts=0, tokens=[], error=None, lease_expires=None)
+        if row["state"] == "failed":  # a new command tries a failed job again: fresh messages, zero attempts
+            self.ledger.update(jid, state="pending", attempts=0, tokens=[], celery_ids=[], error=None,
+                               lease_expires=None)
         self.mine.add(jid)
         self._check(self.ledger.get(jid), time.time())
         return jid
@@ -130,6 +131,7 @@ class CeleryExecutor:
     def wait(self, ids: Iterable[str]) -> dict[str, dict]:
         ids = list(ids)
         while True:
+            self.poll()
             rows = [self.ledger.get(i) for i in ids]
             failed = [r for r in rows if r["state"] == "failed"]
             if failed:
@@ -137,7 +139,6 @@ class CeleryExecutor:
             if all(r["state"] == "done" for r in rows):
                 return {r["job_id"]: r["result"] for r in rows}
             self._check_local_workers()
-            self.poll()
             time.sleep(self.cfg.jobs.poll_s)
 
     def poll(self) -> None:

@@ -88,6 +88,7 @@ _inputs_cache: dict[tuple[str, str], Any] = {}
 def _expand(cfg: NucleusConfig, ws: Workspace, a: dict) -> dict:
     from pipeline import neighborhoods
 
+    neighborhoods.check_expansion(ws, a["nb_id"], a["topics"])  # before loading anything
     key = (str(ws.root), section_hash(cfg, neighborhoods.EXPAND_SECTIONS))
     if key not in _inputs_cache:  # the retriever and vectors load once per worker and config
         _inputs_cache.clear()
@@ -285,7 +286,10 @@ def execute(task, kind: str, args: Any, kwargs: dict, ctx: WorkerContext) -> dic
     try:
         if args:
             raise JobRejected(f"arguments must be keyword arguments (a JSON object), got positional {args!r}"[:300])
-        cfg = ctx.config()
+        try:
+            cfg = ctx.config()
+        except UserError as e:
+            raise JobRejected(f"the worker cannot resolve the run's config: {e}") from None
         checked = check_args(kind, kwargs, ctx.ws, cfg)
     except JobRejected as e:
         log.error("rejected %s job %s: %s", kind, celery_id, e)

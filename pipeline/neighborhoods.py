@@ -49,16 +49,25 @@ class ExpansionInputs:
                    {t["id"]: t["keywords"] for t in topics}, open_retriever(cfg, ws))
 
 
+def check_expansion(ws: Workspace, nb_id: str, topics: list[int]) -> None:
+    """UserError unless `nb_id` may be (re)defined as an expansion of these topics."""
+    check_nb_id(nb_id)
+    if nb_id == NUCLEUS:
+        raise UserError("expand: the nucleus is chosen by `nucleus nucleate`, not expanded.")
+    existing = nucleate_stage.load_neighborhood(ws, nb_id)
+    if existing is not None and existing.source != "explore":
+        raise UserError(f"expand: neighbourhood '{nb_id}' is defined by {existing.source!r}, not by explore; "
+                        f"an expansion never overwrites it.")
+    n_topics = len(read_json(ws.topics_dir / "topics.json")["topics"])
+    if not topics or any(not 0 <= t < n_topics for t in topics):
+        raise UserError(f"expand: topics must be a non-empty list of topic ids in [0, {n_topics - 1}], got {topics}.")
+
+
 def expand(cfg: NucleusConfig, ws: Workspace, nb_id: str, topics: list[int],
            inputs: ExpansionInputs | None = None) -> Neighborhood:
     """The proposal `nb_id` (these topics) with its passages expanded by retrieval, saved as
     `neighborhoods/<nb_id>.json`: the explore stage's expansion, as one job."""
-    check_nb_id(nb_id)
-    if nb_id == NUCLEUS:
-        raise UserError("expand: the nucleus is chosen by `nucleus nucleate`, not expanded.")
-    n_topics = len(read_json(ws.topics_dir / "topics.json")["topics"])
-    if not topics or any(not 0 <= t < n_topics for t in topics):
-        raise UserError(f"expand: topics must be a non-empty list of topic ids in [0, {n_topics - 1}], got {topics}.")
+    check_expansion(ws, nb_id, topics)
     x = inputs or ExpansionInputs.load(cfg, ws)
     retriever = x.retriever
     passages = expand_passages(

@@ -3,13 +3,14 @@ in-process executor, the job ledger and the commands' bad input (fast tier)."""
 
 import json
 import os
+import re
 
 import pytest
 
 from jobs.app import AtomicFileBackend, make_app, queue_name
 from jobs.executor import InlineExecutor, open_executor
 from jobs.ledger import JobLedger, summary
-from jobs.tasks import JobRejected, check_args, job_id, make_args
+from jobs.tasks import JobRejected, check_args, job_id, make_args, run_job
 from pipeline.config import resolve_config
 from pipeline.errors import UserError
 from pipeline.workspace import Workspace
@@ -128,6 +129,18 @@ def test_paths_outside_the_run_and_wrong_shapes_are_rejected(trained_run, tmp_pa
         check_args("rm", args, ws, cfg)
 
 
+def test_an_expansion_never_overwrites_a_neighbourhood_it_did_not_define(known_nb_run):
+    ws = Workspace(known_nb_run)
+    cfg = _cfg(ws)
+    before = (known_nb_run / "neighborhoods" / "known-nb.json").read_bytes()
+    for nb_id, topics, needle in (("known-nb", [0], "defined by 'user', not by explore"),
+                                  ("r00-t9", [99], "topic ids in [0, 5], got [99]")):
+        with pytest.raises(JobRejected, match=re.escape(needle)):
+            run_job("expand", make_args(cfg, ws, "expand", nb_id=nb_id, topics=topics), cfg, ws)
+    assert (known_nb_run / "neighborhoods" / "known-nb.json").read_bytes() == before
+    assert not (known_nb_run / "neighborhoods" / "r00-t9.json").exists()
+
+
 def test_job_id_is_the_work_and_the_config_hash(trained_run):
     ws = Workspace(trained_run)
     a = make_args(_cfg(ws), ws, "train", nb_id="r00-t3")
@@ -181,3 +194,16 @@ def test_commands_bad_input(tmp_path, small_run, small_run_copy):
     r = nucleus("jobs", "--run-dir", str(small_run))
     assert r.returncode == 0 and "no jobs recorded" in r.stdout
     assert os.listdir(small_run).count("queue") == 0  # a refused worker wrote nothing
+
+
+def test_a_failed_job_stops_the_command_with_exit_1_and_its_message(capsys):
+    import typer
+
+    from pipeline.cli import _guard
+    from pipeline.errors import JobFailed
+
+    with pytest.raises(typer.Exit) as e, _guard():
+        raise JobFailed("1 job(s) failed:\n  - train:r00-t3:abc after 3 attempt(s): IndexError: boom")
+    assert e.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "error: 1 job(s) failed:" in err and "IndexError: boom" in err and "Traceback" not in err
