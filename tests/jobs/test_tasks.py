@@ -171,12 +171,18 @@ def test_inline_executor_expands_then_trains_once(trained_run_copy):
         assert ex.submit("train", nb_id="r00-t0") == train
         assert ex.wait([train])[train]["steps"] == 4
     assert (trained_run_copy / "adapters" / "r00-t0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
-    assert summary(trained_run_copy / "ledger.sqlite")["counts"] == {"pending": 0, "running": 0, "done": 2,
+    with open_executor(cfg, ws) as ex:  # the adapter's held-out evaluation, as a job
+        evaluation = ex.wait([ex.submit("evaluate", nb_id="r00-t0")]).popitem()[1]
+    saved = json.loads((trained_run_copy / "evals" / "r00-t0.json").read_text())
+    assert evaluation["metrics"]["nb/r00-t0/loss"] == saved["metrics"]["nb/r00-t0/loss"]
+    trained = json.loads((trained_run_copy / "adapters" / "r00-t0" / "neighborhood.json").read_text())
+    assert saved["metrics"]["nb/r00-t0/loss"] == pytest.approx(trained["metrics"]["nb/r00-t0/loss"], abs=1e-4)
+    assert summary(trained_run_copy / "ledger.sqlite")["counts"] == {"pending": 0, "running": 0, "done": 3,
                                                                     "failed": 0}
     r = nucleus("jobs", "--run-dir", str(trained_run_copy), "--json")
-    assert r.returncode == 0 and [j["state"] for j in json.loads(r.stdout)["jobs"]] == ["done", "done"]
+    assert r.returncode == 0 and [j["state"] for j in json.loads(r.stdout)["jobs"]] == ["done"] * 3
     r = nucleus("jobs", "--run-dir", str(trained_run_copy))
-    assert "jobs: 0 pending, 0 running, 2 done, 0 failed" in r.stdout and "train:r00-t0:" in r.stdout
+    assert "jobs: 0 pending, 0 running, 3 done, 0 failed" in r.stdout and "train:r00-t0:" in r.stdout
 
 
 def test_commands_bad_input(tmp_path, small_run, small_run_copy):
