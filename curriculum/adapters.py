@@ -28,6 +28,7 @@ from torch import nn
 
 from curriculum.tethers import LoraFactors, read_lora
 from pipeline.errors import UserError
+from pipeline.lm_data import pad_batch
 
 
 @dataclass
@@ -217,13 +218,7 @@ class AdapterSet:
         with self._context(target_id), autocast:
             for start in range(0, len(seqs), self.batch_size):
                 batch = seqs[start:start + self.batch_size]
-                width = max(len(s) for s in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, s in enumerate(batch):
-                    ids[i, : len(s)] = torch.tensor(s)
-                    mask[i, : len(s)] = 1
-                ids, mask = ids.to(self.device), mask.to(self.device)
+                ids, mask = (t.to(self.device) for t in pad_batch(batch, pad))
                 logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu().numpy()  # (batch, width-1)

@@ -45,17 +45,25 @@ CREATE TABLE IF NOT EXISTS rabbit_holes (
 """
 
 
-class Ledger:
+class SQLiteFile:
+    """A SQLite file whose tables `schema` creates on first open; rows come back as sqlite3.Row."""
+
+    schema = ""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.executescript(SCHEMA)
+            db.executescript(self.schema)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
         db.row_factory = sqlite3.Row
         return db
+
+
+class Ledger(SQLiteFile):
+    schema = SCHEMA
 
     def propose(self, round_: int, nb_id: str, topic: int, topics: list[int], passages: int, score: float,
                 predicted: float | None, features: list[float]) -> None:

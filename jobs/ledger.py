@@ -14,6 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from curriculum.ledger import SQLiteFile
+
 STATES = ("pending", "running", "done", "failed")
 
 SCHEMA = """
@@ -39,17 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
-class JobLedger:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.row_factory = sqlite3.Row
-        return db
+class JobLedger(SQLiteFile):
+    schema = SCHEMA
 
     def add(self, job_id: str, kind: str, args: dict, after: list[str]) -> dict:
         """Record a job (a job already there is kept as it is) and return its row."""

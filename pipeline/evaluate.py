@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.lm_data import EvalSet
+from pipeline.lm_data import EvalSet, pad_batch
 
 
 @torch.no_grad()
@@ -28,13 +28,7 @@ def passage_nll(model: nn.Module, eval_set: EvalSet, batch_size: int, device: to
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     for start in range(0, len(eval_set.sequences), batch_size):
         seqs = eval_set.sequences[start:start + batch_size]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad_batch(seqs, pad_id))
         with ctx:
             logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -76,3 +76,14 @@ def make_eval_set(tokenizer, corpus, rows: list[int], topics: list[int], block_s
     # Prepend EOS as a BOS so the first real token is predicted too.
     seqs = [([tokenizer.eos_token_id] + x)[:block_size] for x in ids]
     return EvalSet(seqs, np.asarray(topics, dtype=np.int64))
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of right-padded sequences, both (len(seqs), longest) long tensors."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask

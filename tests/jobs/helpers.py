@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from jobs.worker import stop_local_workers
 from tests.conftest import REPO
 
 REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
@@ -36,18 +36,7 @@ def start_nucleus(log: Path, *args: str) -> subprocess.Popen:
                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds: no worker outlives its test."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+stop = stop_local_workers  # SIGTERM, then SIGKILL: no worker outlives its test
 
 
 def wait_ready(log: Path, timeout: float = 120) -> None:
