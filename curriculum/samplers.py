@@ -7,15 +7,22 @@ is an infinite, seeded stream of batches (int64 arrays of `batch_size` block ind
 - `community`: community-traversal sampling (research note "community traversal batch
   sampling"): a ROOT topic walks the topic graph; each batch comes from ROOT and `k` of its
   neighbours, so consecutive batches share a neighbourhood the way contributors to a project do.
+- `stratified`: equal tokens per topic (every topic gets a slot in turn, whatever its size).
+- `odm`: online data mixing (Albalak et al. 2023): an EXP3 bandit over topics whose reward is
+  the training loss, so topics the model still finds hard are drawn more often. It learns from
+  feedback: the training loop calls `observe(batch, per_block_losses)` after each forward pass
+  on any sampler that has that method.
 
 Resuming: a sampler's stream depends only on its arguments and seed. Re-create it with the same
 arguments and call `skip(n)` to continue after the `n`-th batch; `batches_drawn` is the `n` to
 store in a checkpoint. A sampler is its own iterator (`iter(s) is s`), so code holding only
-`iter(s)` can still call `skip`.
+`iter(s)` can still call `skip`. A sampler whose stream also depends on feedback (`odm`) has
+`state_dict()` / `load_state_dict()` instead, which the checkpoint stores.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -48,6 +55,23 @@ def _check(block_topics: np.ndarray, batch_size: int) -> np.ndarray:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return block_topics.astype(np.int64, copy=False)
+
+
+class _ByTopic:
+    """Blocks grouped by topic once: the topic at position i (of `topics`, sorted) owns blocks
+    `order[starts[i] : starts[i] + counts[i]]`; `position[b]` is block b's topic position."""
+
+    def __init__(self, block_topics: np.ndarray) -> None:
+        self.order = np.argsort(block_topics, kind="stable")
+        self.topics, self.starts, self.counts = np.unique(block_topics[self.order], return_index=True,
+                                                          return_counts=True)
+        self.position = np.searchsorted(self.topics, block_topics)
+
+    def __len__(self) -> int:
+        return len(self.topics)
+
+    def blocks(self, i: int) -> np.ndarray:
+        return self.order[self.starts[i]:self.starts[i] + self.counts[i]]
 
 
 class UniformSampler:
@@ -134,11 +158,8 @@ class CommunitySampler:
         self.history: deque[tuple[int, tuple[int, ...]]] = deque(maxlen=history_size)
         self._rng = np.random.default_rng(seed)
 
-        # Blocks grouped by topic once: topic t (by position i in self.topics) owns
-        # self._order[self._starts[i] : self._starts[i] + self._counts[i]].
-        self._order = np.argsort(block_topics, kind="stable")
-        self.topics, self._starts, self._counts = np.unique(
-            block_topics[self._order], return_index=True, return_counts=True)
+        by = _ByTopic(block_topics)
+        self.topics, self._order, self._starts, self._counts = by.topics, by.order, by.starts, by.counts
         pos = {int(t): i for i, t in enumerate(self.topics)}
         # Neighbours as positions, restricted to topics that have blocks; keys may be str (JSON).
         self._neighbours = [np.empty(0, dtype=np.int64) for _ in self.topics]
@@ -197,6 +218,136 @@ class CommunitySampler:
             self.next_batch()
 
 
+class StratifiedSampler:
+    """Equal tokens per topic: batch slots go to the topics in turn, a fresh random topic order
+    per cycle, so after every whole cycle each topic has had the same number of blocks (and, with
+    full blocks, tokens) whatever its size. A topic's blocks come in a fresh random order each
+    time they run out, so small topics repeat more often than large ones."""
+
+    def __init__(self, block_topics: np.ndarray, batch_size: int, seed: int = 0) -> None:
+        self._by = _ByTopic(_check(block_topics, batch_size))
+        self.topics = self._by.topics
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches_drawn = 0
+        self._rng = np.random.default_rng(seed)
+        self._cycle, self._cycle_pos = np.empty(0, dtype=np.int64), 0
+        self._perms = [np.empty(0, dtype=np.int64) for _ in self.topics]
+        self._pos = [0] * len(self.topics)
+
+    def _next_block(self) -> int:
+        if self._cycle_pos == len(self._cycle):
+            self._cycle, self._cycle_pos = self._rng.permutation(len(self.topics)), 0
+        i = int(self._cycle[self._cycle_pos])
+        self._cycle_pos += 1
+        if self._pos[i] == len(self._perms[i]):
+            own = self._by.blocks(i)
+            self._perms[i], self._pos[i] = own[self._rng.permutation(len(own))], 0
+        self._pos[i] += 1
+        return int(self._perms[i][self._pos[i] - 1])
+
+    def next_batch(self) -> np.ndarray:
+        """The next batch: (batch_size,) int64 block indices."""
+        self.batches_drawn += 1
+        return np.fromiter((self._next_block() for _ in range(self.batch_size)), dtype=np.int64,
+                           count=self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next_batch()
+
+    def skip(self, n_batches: int) -> None:
+        """Advance by `n_batches` batches by drawing them."""
+        for _ in range(n_batches):
+            self.next_batch()
+
+
+class OdmSampler:
+    """Online data mixing (Albalak et al. 2023, "Efficient Online Data Mixing for Language Model
+    Pre-Training"), implemented from the paper's description with topics as its domains.
+
+    An EXP3 bandit whose arms are the K topics. Before batch t the mixture is
+
+        eps_t = min(1/K, sqrt(ln K / (K t)))
+        pi_t  = (1 - K eps_t) * softmax(eps_{t-1} * R) + eps_t
+
+    each slot of the batch draws a topic from pi_t and a uniformly random block of it, and after
+    the forward pass `observe` turns the batch's per-block training losses into rewards: for each
+    topic i in the batch, R_i <- smoothing * R_i + (1 - smoothing) * mean_loss_i / pi_t(i)
+    (an importance-weighted moving average). A high loss means much left to learn, so the mixture
+    leans towards it; the decaying eps_t keeps every topic in play.
+
+    Resuming needs the rewards, which depend on the losses seen: `state_dict()` /
+    `load_state_dict()` restore it exactly; `skip` only replays the draws (no feedback).
+    """
+
+    def __init__(self, block_topics: np.ndarray, batch_size: int, seed: int = 0,
+                 smoothing: float = 0.9) -> None:
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self._by = _ByTopic(_check(block_topics, batch_size))
+        self.topics = self._by.topics
+        self.batch_size = batch_size
+        self.seed = seed
+        self.smoothing = smoothing
+        self.batches_drawn = 0
+        self.rewards = np.zeros(len(self.topics))
+        self._rng = np.random.default_rng(seed)
+        self._last_mixture: np.ndarray | None = None
+
+    def _exploration(self, t: int) -> float:
+        k = len(self.topics)
+        return min(1.0 / k, math.sqrt(math.log(k) / (k * max(t, 1)))) if k > 1 else 1.0
+
+    def mixture(self) -> np.ndarray:
+        """pi for the next batch: the probability of each topic (in `topics` order)."""
+        t = self.batches_drawn + 1
+        eps, eps_prev = self._exploration(t), self._exploration(t - 1)
+        z = eps_prev * self.rewards
+        w = np.exp(z - z.max())
+        return (1.0 - len(self.topics) * eps) * w / w.sum() + eps
+
+    def next_batch(self) -> np.ndarray:
+        """The next batch: (batch_size,) int64 block indices drawn from the current mixture."""
+        p = self._last_mixture = self.mixture()
+        slots = self._rng.choice(len(self.topics), size=self.batch_size, p=p)
+        offsets = (self._rng.random(self.batch_size) * self._by.counts[slots]).astype(np.int64)
+        self.batches_drawn += 1
+        return self._by.order[self._by.starts[slots] + offsets].astype(np.int64, copy=False)
+
+    def observe(self, batch: np.ndarray, losses: np.ndarray) -> None:
+        """Rewards from the per-block training losses (nats/token) of the batch just drawn."""
+        p = self._last_mixture if self._last_mixture is not None else self.mixture()
+        where = self._by.position[np.asarray(batch)]
+        losses = np.asarray(losses, dtype=float)
+        for i in np.unique(where):
+            gain = losses[where == i].mean() / p[i]
+            self.rewards[i] = self.smoothing * self.rewards[i] + (1.0 - self.smoothing) * gain
+
+    def state_dict(self) -> dict:
+        return {"rng": self._rng.bit_generator.state, "rewards": self.rewards.tolist(),
+                "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self.rewards = np.asarray(state["rewards"], dtype=float)
+        self.batches_drawn = int(state["batches_drawn"])
+        self._last_mixture = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next_batch()
+
+    def skip(self, n_batches: int) -> None:
+        """Replay `n_batches` draws without feedback (use `load_state_dict` for an exact resume)."""
+        for _ in range(n_batches):
+            self.next_batch()
+
+
 SamplerFactory = Callable[[np.ndarray, int, dict[int, list[int]] | None, int, int], BlockSampler]
 
 
@@ -211,6 +362,9 @@ SAMPLERS: dict[str, SamplerFactory] = {
     "uniform": lambda block_topics, batch_size, adjacency, k, seed: UniformSampler(
         block_topics, batch_size, seed=seed),
     "community": _community,
+    "stratified": lambda block_topics, batch_size, adjacency, k, seed: StratifiedSampler(
+        block_topics, batch_size, seed=seed),
+    "odm": lambda block_topics, batch_size, adjacency, k, seed: OdmSampler(block_topics, batch_size, seed=seed),
 }
 
 

@@ -187,7 +187,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Gradient norm clipping."""
     sampler: str = "uniform"
-    """Batch sampler: `uniform` (shuffled blocks) or `community` (community traversal of the topic graph)."""
+    """Batch sampler: `uniform` (shuffled blocks), `community` (community traversal of the topic graph), `stratified` (equal tokens per topic) or `odm` (online data mixing: an EXP3 bandit over topics rewarded by training loss)."""
     community_k: int = Field(default=2, ge=0)
     """Neighbour topics joined to the root topic in each batch community."""
     grad_topk: float | None = Field(default=None, gt=0.0, le=1.0)

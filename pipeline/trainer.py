@@ -3,7 +3,9 @@
 AdamW with linear warm-up and cosine decay, gradient accumulation and clipping, optional top-k
 gradient sparsification, bf16 autocast on GPU, periodic held-out evaluation, resumable
 checkpoints. Batches are packed token blocks chosen by a block sampler; samplers are
-deterministic, so a resumed run re-creates them and skips the batches already consumed.
+deterministic, so a resumed run re-creates them and skips the batches already consumed, or,
+for a sampler that learns from feedback (it has `observe`), restores its stored state.
+A sampler with `observe(batch, losses)` gets each micro-batch's per-block training losses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -88,7 +91,7 @@ class _Checkpoint:
     def exists(self) -> bool:
         return self.dir is not None and (self.dir / "latest" / "state.json").is_file()
 
-    def save(self, model: nn.Module, opt, sched, step: int, tokens: int) -> None:
+    def save(self, model: nn.Module, opt, sched, step: int, tokens: int, sampler_state: dict | None = None) -> None:
         if self.dir is None:
             return
         with atomic_path(self.dir / "latest") as tmp:
@@ -97,9 +100,9 @@ class _Checkpoint:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "sampler": sampler_state}))
 
-    def load(self, model: nn.Module, opt, sched) -> tuple[int, int]:
+    def load(self, model: nn.Module, opt, sched) -> tuple[int, int, dict | None]:
         latest = self.dir / "latest"
         weights = load_file(str(latest / "trainable.safetensors"))
         params = dict(model.named_parameters())
@@ -112,11 +115,20 @@ class _Checkpoint:
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         counters = json.loads((latest / "state.json").read_text())
-        return int(counters["step"]), int(counters["tokens"])
+        return int(counters["step"]), int(counters["tokens"]), counters.get("sampler")
 
 
-def _skip(sampler, n: int) -> None:
-    if hasattr(sampler, "skip"):
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Mean next-token loss (nats) of each row of a batch; rows without targets get 0."""
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return (nll.sum(1) / (target != -100).sum(1).clamp(min=1)).detach().cpu().numpy()
+
+
+def _skip(sampler, n: int, state: dict | None = None) -> None:
+    if state is not None and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+    elif hasattr(sampler, "skip"):
         sampler.skip(n)
     else:
         for _ in range(n):
@@ -140,14 +152,15 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_lambda(step, s.warmup_steps, s.steps, s.min_lr_ratio))
     ckpt = _Checkpoint(checkpoint_dir)
-    step, tokens = 0, 0
+    step, tokens, sampler_state = 0, 0, None
     if resume and ckpt.exists():
-        step, tokens = ckpt.load(model, opt, sched)
+        step, tokens, sampler_state = ckpt.load(model, opt, sched)
     start_step = step
 
     n_replay = int(round(s.replay_fraction * s.batch_size)) if replay is not None and len(replay) else 0
     sampler = make_sampler()
-    _skip(sampler, step * s.grad_accum)
+    _skip(sampler, step * s.grad_accum, sampler_state)
+    observe = getattr(sampler, "observe", None)  # a sampler that learns from the training loss
     replay_sampler = make_replay_sampler() if n_replay else None
     if replay_sampler is not None:
         _skip(replay_sampler, step * s.grad_accum)
@@ -160,7 +173,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     block_len = blocks.mask.sum(1).numpy()
     replay_len = replay.mask.sum(1).numpy() if n_replay else None
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor, int]:
+    def next_batch() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
         idx = next(sampler)[: s.batch_size - n_replay]
         ids, mask = tokens_on[0][idx], tokens_on[1][idx]
         n = int(block_len[idx].sum())
@@ -168,7 +181,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
             r = next(replay_sampler)[:n_replay]
             ids, mask = torch.cat([ids, replay_on[0][r]]), torch.cat([mask, replay_on[1][r]])
             n += int(replay_len[r].sum())
-        return ids, mask, n
+        return idx, ids, mask, n
 
     autocast = (torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
     model.train()
@@ -179,10 +192,13 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     t0, tokens_at_t0 = time.perf_counter(), tokens
     while step < s.steps:
         for _ in range(s.grad_accum):
-            ids, mask, n_tokens = next_batch()
+            idx, ids, mask, n_tokens = next_batch()
             labels = ids.masked_fill(~mask, -100)
             with autocast:
-                loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+                out = model(input_ids=ids, attention_mask=mask.long(), labels=labels)
+            loss = out.loss
+            if observe is not None:  # the sampled blocks only, not the replay rows behind them
+                observe(idx, row_losses(out.logits[: len(idx)], labels[: len(idx)]))
             (loss / s.grad_accum).backward()
             recent_loss += loss.detach()
             recent_n += 1
@@ -213,7 +229,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                 log({"step": step, "tokens": tokens, **metrics})
             model.train()
         if step % s.checkpoint_every == 0 and not is_last:
-            ckpt.save(model, opt, sched, step, tokens)
+            ckpt.save(model, opt, sched, step, tokens,
+                      sampler.state_dict() if hasattr(sampler, "state_dict") else None)
     bar.close()
     elapsed = time.perf_counter() - t0
     return FitResult(steps=step, tokens=tokens, seconds=round(elapsed, 3),

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from curriculum.samplers import SAMPLERS, CommunitySampler, UniformSampler, make_sampler
+from curriculum.samplers import (SAMPLERS, CommunitySampler, OdmSampler, StratifiedSampler, UniformSampler,
+                                 make_sampler)
 from pipeline.errors import UserError
 from retrieval.graph import TopicGraph
 
@@ -135,11 +136,53 @@ def test_unknown_sampler_name_suggests_the_closest():
     with pytest.raises(UserError) as e:
         make_sampler("comunity", BLOCK_TOPICS, 16, ADJ)
     assert str(e.value) == ("unknown sampler (train.sampler) 'comunity'. Did you mean 'community'? "
-                            "Choose one of: community, uniform.")
+                            "Choose one of: community, odm, stratified, uniform.")
 
 
 def test_registry_builds_each_kind():
     assert isinstance(make_sampler("uniform", BLOCK_TOPICS, 16), UniformSampler)
     assert isinstance(make_sampler("community", BLOCK_TOPICS, 16, ADJ, k=1), CommunitySampler)
+    assert isinstance(make_sampler("stratified", BLOCK_TOPICS, 16), StratifiedSampler)
+    assert isinstance(make_sampler("odm", BLOCK_TOPICS, 16), OdmSampler)
     with pytest.raises(ValueError, match="needs the topic graph's adjacency"):
         make_sampler("community", BLOCK_TOPICS, 16)
+
+
+def test_stratified_gives_every_topic_the_same_blocks_whatever_its_size():
+    sampler = StratifiedSampler(BLOCK_TOPICS, 16, seed=3)
+    drawn = np.concatenate(batches(sampler, 50))  # 800 slots = 80 whole cycles over 10 topics
+    assert np.bincount(BLOCK_TOPICS[drawn], minlength=10).tolist() == [80] * 10
+    # within a topic, every block comes once before any comes again: topic 0 (60 blocks) 80 times
+    first = drawn[BLOCK_TOPICS[drawn] == 0][:60]
+    assert sorted(first.tolist()) == np.flatnonzero(BLOCK_TOPICS == 0).tolist()
+
+
+def test_odm_starts_uniform_then_leans_towards_the_topic_with_the_highest_loss():
+    sampler = OdmSampler(BLOCK_TOPICS, 16, seed=0)
+    np.testing.assert_allclose(sampler.mixture(), np.full(10, 0.1))
+    hard = 9  # the smallest topic: a size-proportional sampler would hardly ever draw it
+    for _ in range(400):
+        batch = sampler.next_batch()
+        sampler.observe(batch, np.where(BLOCK_TOPICS[batch] == hard, 6.0, 2.0))
+    p = sampler.mixture()
+    assert p.argmax() == hard and p[hard] > 1.3 * np.delete(p, hard).max()
+    k, t = 10, sampler.batches_drawn + 1
+    assert p.min() >= min(1 / k, np.sqrt(np.log(k) / (k * t))) - 1e-12  # exploration keeps every topic in play
+    assert abs(p.sum() - 1) < 1e-9
+
+
+def test_odm_state_dict_resumes_the_stream_exactly():
+    def feedback(batch):
+        return (BLOCK_TOPICS[batch] % 3).astype(float) + 1.0
+
+    a = OdmSampler(BLOCK_TOPICS, 16, seed=5)
+    for _ in range(30):
+        a.observe(batch := a.next_batch(), feedback(batch))
+    b = OdmSampler(BLOCK_TOPICS, 16, seed=5)
+    b.load_state_dict(a.state_dict())
+    for _ in range(30):
+        x, y = a.next_batch(), b.next_batch()
+        assert np.array_equal(x, y)
+        a.observe(x, feedback(x))
+        b.observe(y, feedback(y))
+    np.testing.assert_allclose(a.rewards, b.rewards)

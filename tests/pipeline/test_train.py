@@ -241,3 +241,48 @@ def test_tensorboard_logs_or_says_what_is_missing(trained_run_copy):
     else:
         train.run(cfg, ws, "topic-2")
         assert list((trained_run_copy / "logs" / "tb" / "topic-2").glob("events.out.tfevents.*"))
+
+
+def _tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+
+
+def test_fit_feeds_per_block_losses_to_odm_and_a_resumed_fit_restores_its_state(tmp_path):
+    """An easy topic (one repeated token) and a hard one (random tokens): the training loop hands
+    the odm sampler each block's loss, so the hard topic's share grows; a run resumed from its
+    checkpoint restores the sampler's rewards and ends exactly where the uninterrupted run ends."""
+    from curriculum.samplers import OdmSampler
+    from pipeline.lm_data import Blocks
+    from pipeline.trainer import FitSettings, fit, row_losses
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.cat([torch.full((20, 8), 3), torch.randint(0, 16, (20, 8), generator=g)])
+    topics = np.repeat([0, 1], 20)
+    blocks = Blocks(tokens, torch.ones(40, 8, dtype=torch.bool), topics)
+
+    model = _tiny_lm()  # row_losses agrees with the model's own loss, one row at a time
+    labels = tokens[:3]
+    out = model(input_ids=labels, labels=labels)
+    rows = row_losses(out.logits, labels)
+    for i in range(3):
+        assert abs(rows[i] - float(model(input_ids=labels[i:i + 1], labels=labels[i:i + 1]).loss.detach())) < 1e-5
+
+    def run(steps_dir, resume, stop_at=None):
+        sampler = OdmSampler(topics, 8, seed=2)
+        settings = FitSettings(steps=stop_at or 30, lr=1e-2, batch_size=8, checkpoint_every=10, log_every=10)
+        fit(_tiny_lm(), blocks, lambda: iter(sampler), settings, torch.device("cpu"),
+            checkpoint_dir=steps_dir, resume=resume)
+        return sampler
+
+    whole = run(tmp_path / "a", resume=False)
+    assert whole.mixture()[1] > whole.mixture()[0]  # the hard topic is drawn more often
+    run(tmp_path / "b", resume=False, stop_at=30)  # writes checkpoints at steps 10 and 20
+    state = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
+    assert state["step"] == 20 and state["sampler"]["batches_drawn"] == 20
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.batches_drawn == 30
+    np.testing.assert_allclose(resumed.rewards, whole.rewards, rtol=1e-5)
