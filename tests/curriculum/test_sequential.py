@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from curriculum.curiosity import FEATURES, make_policy
+from curriculum.sequential import CuriosityCurriculum, TopicInfo
+
+# 8 topics on a path 0-1-2-...-7, uneven sizes; the nucleus is topic 0.
+SIZES = [40, 10, 30, 20, 10, 50, 20, 20]
+BLOCK_TOPICS = np.random.default_rng(3).permutation(np.repeat(np.arange(8), SIZES))
+ADJ = {t: [n for n in (t - 1, t + 1) if 0 <= n < 8] for t in range(8)}
+CENTROIDS = np.eye(8)[:, :8] + 0.1
+CENTROIDS /= np.linalg.norm(CENTROIDS, axis=1, keepdims=True)
+INFO = TopicInfo(ADJ, CENTROIDS, np.full(8, 1 / 8), {t: [f"w{t}"] for t in range(8)})
+
+
+def losses(calls: list):
+    """A stand-in for the model's probe loss: each topic's loss falls a little every call."""
+    def fn(topics):
+        calls.append(list(topics))
+        return {t: 5.0 - 0.01 * len(calls) - 0.1 * t for t in topics}
+    return fn
+
+
+def test_nucleus_first_then_frontier_neighbourhoods_with_replay_then_uniform():
+    calls: list = []
+    policy = make_policy("learned", seed=0)
+    cc = CuriosityCurriculum(BLOCK_TOPICS, 8, 200, [0], INFO, policy, losses(calls),
+                             coverage=0.5, replay=0.25, k=1, block_size=4, seed=1)
+    drawn = [cc.next_batch() for _ in range(200)]
+    phases = cc.phases
+    assert phases[0].kind == "nucleus" and phases[0].topics == [0]
+    assert phases[-1].kind == "uniform" and phases[-1].topics == list(range(8))
+    explored = {0}
+    for p in phases[1:-1]:
+        assert p.kind == "neighborhood" and p.chosen in p.topics
+        assert any(n in explored for n in ADJ[p.chosen])  # the chosen topic was on the frontier
+        assert not set(p.topics) & explored  # a neighbourhood adds only unexplored topics
+        # its batches: 6 blocks of the new topics, then 2 replayed from the topics explored before
+        for batch in drawn[p.start:p.start + p.batches]:
+            assert set(BLOCK_TOPICS[batch[:6]]) <= set(p.topics) and set(BLOCK_TOPICS[batch[6:]]) <= explored
+        # a phase lasts in proportion to the blocks it adds (curriculum = coverage * total batches)
+        assert p.batches == max(1, round(100 * sum(SIZES[t] for t in p.topics) / sum(SIZES)))
+        assert p.loss_after is not None and p.progress == pytest.approx(
+            (p.loss_before - p.loss_after) / (p.batches * 6 * 4 / 1000))
+        explored |= set(p.topics)
+    assert all(set(BLOCK_TOPICS[b]) == {0} for b in drawn[:phases[0].batches])  # the nucleus phase: only nucleus
+    # every finished neighbourhood taught the policy its realised progress, with its features
+    finished = [p for p in phases if p.kind == "neighborhood"]
+    assert policy.ys == pytest.approx([p.progress for p in finished])
+    assert all(len(x) == len(FEATURES) for x in policy.xs)
+    assert phases[-1].start == sum(p.batches for p in phases[:-1]) >= 100
+
+
+def test_nearest_policy_takes_the_most_similar_frontier_topic_and_k_grows_the_neighbourhood():
+    cc = CuriosityCurriculum(BLOCK_TOPICS, 8, 400, [3], INFO, make_policy("nearest"), losses([]),
+                             coverage=1.0, replay=0.0, k=1, seed=0)
+    for _ in range(400):
+        cc.next_batch()
+    first = cc.phases[1]
+    sims = CENTROIDS[[2, 4]] @ CENTROIDS[3]
+    assert first.chosen == [2, 4][int(np.argmax(sims))] and len(first.topics) == 2
+    assert {t for p in cc.phases for t in p.topics} == set(range(8))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"coverage": 0.0}, "coverage"), ({"replay": 1.0}, "replay")])
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CuriosityCurriculum(BLOCK_TOPICS, 8, 10, [0], INFO, make_policy("random"), losses([]), **kwargs)
+    with pytest.raises(ValueError, match="nucleus"):
+        CuriosityCurriculum(BLOCK_TOPICS, 8, 10, [99], INFO, make_policy("random"), losses([]))
