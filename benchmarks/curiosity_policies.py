@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._procs import run_all  # noqa: E402
 
 
 def _cfg(run_dir: Path, sets: list[str]):
@@ -111,29 +112,6 @@ def measure(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------------ driver
 
 
-def _spawn(args: list[str], log: Path, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-
-
-def _run_all(commands: list[tuple[list[str], Path]], jobs: int) -> None:
-    threads = max(1, (os.cpu_count() or 2) // jobs)
-    pending, running = list(commands), []
-    while pending or running:
-        while pending and len(running) < jobs:
-            cmd, log = pending.pop(0)
-            running.append((_spawn(cmd, log, threads), log))
-        time.sleep(1)
-        for proc, log in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, log))
-                if proc.returncode != 0:
-                    sys.exit(f"failed ({proc.returncode}): {log}\n" + log.read_text()[-3000:])
-
-
 def summarise(rows: list[dict]) -> dict:
     out = {}
     for policy in dict.fromkeys(r["policy"] for r in rows):
@@ -192,14 +170,14 @@ def main() -> None:
         sets = [x for s in a.sets for x in ("--set", s)]
         t0 = time.perf_counter()
         if a.phase != "explore":
-            _run_all([(["nucleus", str(a.run_dir), str(a.work / f"s{s}" / "nucleus"), str(s), *sets],
+            run_all(__file__, [(["nucleus", str(a.run_dir), str(a.work / f"s{s}" / "nucleus"), str(s), *sets],
                        a.work / "logs" / f"nucleus-s{s}.log") for s in a.seeds], a.jobs)
         t_nuclei = time.perf_counter() - t0
         if a.phase == "nuclei":
             print(f"nuclei trained in {t_nuclei:.1f}s")
             return
         arms = [(s, p) for s in a.seeds for p in a.policies]
-        _run_all([(["explore", str(a.work / f"s{s}" / "nucleus"), str(a.work / f"s{s}" / p), str(s), p, *sets],
+        run_all(__file__, [(["explore", str(a.work / f"s{s}" / "nucleus"), str(a.work / f"s{s}" / p), str(s), p, *sets],
                    a.work / "logs" / f"explore-s{s}-{p}.log") for s, p in arms], a.jobs)
         rows = [json.loads((a.work / f"s{s}" / p / "bench.json").read_text()) for s, p in arms]
         budgets = {(r["seed"], r["policy"]): r["rounds"] for r in rows}

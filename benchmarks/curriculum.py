@@ -1,0 +1,417 @@
+"""Does knowledge-nucleated, curiosity-driven ordering reach a target perplexity with fewer tokens?
+
+One model (not adapters) is trained from scratch under each arm, side by side in one run:
+
+  uniform     shuffled blocks: what a user would do with a plain `Trainer`
+  stratified  equal tokens per topic (`curriculum.samplers.StratifiedSampler`)
+  odm         online data mixing: EXP3 over topics, rewarded by the training loss
+              (`curriculum.samplers.OdmSampler`, from Albalak et al. 2023)
+  nucleus     the nucleus first, then neighbourhoods in the order the curiosity policy picks,
+              with replay, then the natural mixture (`curriculum.sequential.CuriosityCurriculum`)
+  community   community traversal of the topic graph (`curriculum.samplers.CommunitySampler`)
+
+An arm may carry parameters: `nucleus:replay=0.5,coverage=0.25,policy=nearest,k=2,nucleus_size=3`
+(replay fraction, share of the steps the curriculum takes before the natural mixture, curiosity
+policy, neighbours joined to each chosen topic, the N most central topics as the nucleus instead of
+the nucleated one), `community:k=3`. Every arm of a seed gets the same model initialisation, blocks (full 256-token
+blocks, each from one topic, so that tokens = steps x batch x block size exactly), optimizer,
+learning-rate schedule and evaluation points, through the product's training loop
+(`pipeline.trainer.fit`); `run` checks that and stops loudly if any of it differs.
+
+Evaluation: the held-out split that `index` drew before any arm ran (a fixed fraction of every
+topic's passages, so the natural mixture), never reweighted: held-out perplexity, macro (mean)
+and worst per-topic perplexity, every `--eval-every` steps. Wall-clock per arm: training time
+(evaluation excluded), plus the curriculum's own overhead (curiosity features and choices, in
+the nucleus arm), plus the preparation it needs: embedding, clustering and graph (`index`) for
+every arm but uniform, and `nucleate` for the nucleus arm, as measured by `prepare` on its
+machine. `benchmarks/curriculum_report.py` reads the JSON without Nucleus: the table, the
+tokens-to-target ratios R, the plot.
+
+    python benchmarks/curriculum.py prepare --run-dir runs/bench-curriculum --bundle .device/curriculum
+    python benchmarks/curriculum.py run --bundle .device/curriculum --seeds 0 1 2 \\
+        --steps 600 --eval-every 25 --json-out out.json --plot curves.png
+
+`prepare` (CPU, full install) runs `nucleus index` and `nucleate` with
+`configs/bench-curriculum.yaml`, then writes the bundle: tokenizer, packed blocks, held-out
+split and topic graph, a few MB, all that `run` needs (torch, transformers, numpy: no faiss,
+datasets, pydantic or embedder). `run` starts one process per (seed, arm), `--jobs` at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import curriculum_report as report  # noqa: E402
+from benchmarks._procs import run_all  # noqa: E402
+
+ARMS = ("uniform", "stratified", "odm", "nucleus", "community")
+NEEDS_TOPICS = {"stratified", "odm", "nucleus", "community"}  # pay for embedding and clustering
+PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and learning progress
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+def prepare(run_dir: Path, bundle: Path, config: Path, sets: list[str]) -> None:
+    """Index and nucleate with the product's CLI (skipped when done), then export the bundle."""
+    flags = [x for s in sets for x in ("--set", s)]
+    for stage in ("index", "nucleate"):
+        subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "--run-dir", str(run_dir),
+                        "--config", str(config), *flags], check=True, cwd=REPO)
+    export_bundle(run_dir, bundle)
+
+
+def _stage_seconds(meta: dict, command: str) -> float:
+    """Wall-clock of the last successful `command` recorded in the run's meta.json."""
+    from datetime import datetime
+
+    done = [c for c in meta["commands"] if c["command"] == command and c.get("status") == "ok"]
+    ran = [c for c in done if (datetime.fromisoformat(c["ended"]) - datetime.fromisoformat(c["started"])).seconds > 0]
+    c = (ran or done)[0]  # the first successful run did the work; later ones found it done
+    return (datetime.fromisoformat(c["ended"]) - datetime.fromisoformat(c["started"])).total_seconds()
+
+
+def export_bundle(run_dir: Path, bundle: Path) -> None:
+    from curriculum.neighborhood import NUCLEUS
+    from curriculum.nucleation import pagerank
+    from pipeline import nucleate as nucleate_stage
+    from pipeline.atomic import atomic_path, read_json
+    from pipeline.config import resolve_config
+    from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
+    from pipeline.model import train_tokenizer
+    from pipeline.train import RunData
+    from pipeline.workspace import Workspace
+
+    ws = Workspace(run_dir)
+    cfg = resolve_config(ws.stored_config(), None, [])
+    t0 = time.perf_counter()
+    data = RunData.load(ws)
+    train_rows = np.flatnonzero(~data.heldout).tolist()
+    held_rows = data.heldout_rows()
+    texts = passage_texts(data.corpus, train_rows)
+    tok = train_tokenizer(texts, cfg.model.vocab_size)
+    bs = cfg.train.block_size
+    packed = pack_by_topic(tokenize(tok, texts), data.topic_of[train_rows].tolist(), bs, tok.pad_token_id)
+    full = packed.mask.all(1).numpy()  # drop each topic's padded tail: every block is bs tokens
+    eval_set = make_eval_set(tok, data.corpus, held_rows, data.topic_of[held_rows].tolist(), bs)
+    graph = nucleate_stage.load_topic_graph(ws)
+    topics = read_json(ws.topics_dir / "topics.json")["topics"]
+    meta = read_json(ws.meta_path)
+    info = {
+        "source": str(run_dir), "corpus": cfg.corpus.paths, "model_size": cfg.model.size, "block_size": bs,
+        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
+        "eval_batch_size": cfg.train.eval_batch_size, "community_k": cfg.train.community_k,
+        "policy": cfg.explore.policy, "ucb_beta": cfg.explore.ucb_beta, "k": cfg.explore.k,
+        "replay": cfg.lora.replay_fraction, "nucleus": nucleate_stage.load_neighborhood(ws, NUCLEUS).topics,
+        "adjacency": {str(t): ns for t, ns in graph.adjacency().items()},
+        "centrality": pagerank(graph).tolist(), "keywords": {str(t["id"]): t["keywords"] for t in topics},
+        "passages": {"train": len(train_rows), "heldout": len(held_rows)},
+        "blocks": int(full.sum()), "dropped_tail_blocks": int((~full).sum()),
+        "prep_s": {"index": _stage_seconds(meta, "index"), "nucleate": _stage_seconds(meta, "nucleate")},
+    }
+    lengths = [len(s) for s in eval_set.sequences]
+    with atomic_path(bundle) as tmp:
+        tmp.mkdir(parents=True)
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        np.savez_compressed(
+            tmp / "data.npz", blocks=packed.tokens[full].numpy().astype(np.uint16),
+            block_topics=packed.topics[full].astype(np.int32),
+            eval_flat=np.concatenate(eval_set.sequences).astype(np.uint16),
+            eval_offsets=np.cumsum([0, *lengths]).astype(np.int64), eval_topics=eval_set.topics.astype(np.int32),
+            centroids=np.load(ws.topics_dir / "centroids.npy").astype(np.float32))
+        info["export_s"] = round(time.perf_counter() - t0, 1)
+        (tmp / "bundle.json").write_text(json.dumps(info, indent=1))
+    print(f"bundle {bundle}: {info['blocks']} blocks of {bs} tokens, {len(held_rows)} held-out passages, "
+          f"{len(topics)} topics, nucleus {info['nucleus']}, prep {info['prep_s']}")
+
+
+# ------------------------------------------------------------------------------ one arm
+
+
+@dataclass
+class Bundle:
+    info: dict
+    tokenizer: object
+    blocks: object  # pipeline.lm_data.Blocks
+    eval_set: object  # pipeline.lm_data.EvalSet
+    centroids: np.ndarray
+
+    @classmethod
+    def load(cls, path: Path) -> "Bundle":
+        import torch
+        from transformers import PreTrainedTokenizerFast
+
+        from pipeline.lm_data import Blocks, EvalSet
+
+        info = json.loads((path / "bundle.json").read_text())
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        z = np.load(path / "data.npz")
+        tokens = torch.from_numpy(z["blocks"].astype(np.int64))
+        blocks = Blocks(tokens, torch.ones_like(tokens, dtype=torch.bool), z["block_topics"].astype(np.int64))
+        flat, off = z["eval_flat"].astype(np.int64), z["eval_offsets"]
+        seqs = [flat[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+        return cls(info, tok, blocks, EvalSet(seqs, z["eval_topics"].astype(np.int64)), z["centroids"])
+
+
+def parse_arm(spec: str) -> tuple[str, dict]:
+    """`name` or `name:key=value,key=value` -> (name, params); numbers become floats."""
+    name, _, rest = spec.partition(":")
+    if name not in ARMS:
+        raise SystemExit(f"unknown arm '{name}' in '{spec}': choose from {', '.join(ARMS)}")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"arm '{spec}': parameter '{item}' is not key=value")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            params[key] = value
+    allowed = {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size"},
+               "community": {"k"}}.get(name, set())
+    if set(params) - allowed:
+        raise SystemExit(f"arm '{spec}': unknown parameters {sorted(set(params) - allowed)}; "
+                         f"'{name}' takes {sorted(allowed) or 'none'}")
+    return name, params
+
+
+@dataclass
+class Settings:
+    """What must be identical across arms (checked by `check_fair`)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    block_size: int
+    model_size: str
+
+
+def _loss_fn(model, b: Bundle, seed: int, device, autocast_dtype):
+    """Mean next-token loss of the current model on each topic's fixed probe blocks (training
+    blocks: the held-out split stays untouched by every arm's choices)."""
+    import torch
+
+    from pipeline.trainer import row_losses
+
+    rng = np.random.default_rng([seed, 11])
+    probes = {}
+    for t in np.unique(b.blocks.topics):
+        own = np.flatnonzero(b.blocks.topics == t)
+        probes[int(t)] = rng.choice(own, min(PROBE_BLOCKS, len(own)), replace=False)
+
+    @torch.no_grad()
+    def losses(topics: list[int]) -> dict[int, float]:
+        idx = np.concatenate([probes[t] for t in topics])
+        ids = b.blocks.tokens[idx].to(device)
+        was_training = model.training
+        model.eval()
+        rows = []
+        for start in range(0, len(ids), 64):
+            chunk = ids[start:start + 64]
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=chunk).logits
+            rows.append(row_losses(logits, chunk))
+        model.train(was_training)
+        per_row = np.concatenate(rows)
+        out, i = {}, 0
+        for t in topics:
+            out[t] = float(per_row[i:i + len(probes[t])].mean())
+            i += len(probes[t])
+        return out
+
+    return losses
+
+
+def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
+    import torch
+
+    from curriculum.curiosity import make_policy
+    from curriculum.samplers import make_sampler
+    from curriculum.sequential import CuriosityCurriculum, TopicInfo
+    from pipeline.evaluate import evaluate
+    from pipeline.model import build_scratch_model
+    from pipeline.trainer import FitSettings, fit
+
+    name, params = parse_arm(spec)
+    b = Bundle.load(bundle_dir)
+    info = b.info
+    if settings.block_size != info["block_size"] or settings.model_size != info["model_size"]:
+        raise SystemExit("block size and model size come from the bundle")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    model = build_scratch_model(b.tokenizer, info["model_size"], seed=seed).to(device)
+    s = settings
+    fs = FitSettings(steps=s.steps, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps,
+                     eval_every=s.eval_every, checkpoint_every=s.steps + 1, log_every=s.eval_every,
+                     autocast_dtype=autocast)
+    adjacency = {int(t): ns for t, ns in info["adjacency"].items()}
+    sampler_box = []
+
+    def new_sampler():
+        if name == "nucleus":
+            policy = make_policy(str(params.get("policy", info["policy"])), seed=seed,
+                                 beta=float(params.get("beta", info["ucb_beta"])))
+            topic_info = TopicInfo(adjacency, b.centroids, np.asarray(info["centrality"]),
+                                   {int(t): w for t, w in info["keywords"].items()})
+            nucleus = info["nucleus"]
+            if "nucleus_size" in params:  # the N most central topics (PageRank), as nucleate's default picks
+                nucleus = np.argsort(-np.asarray(info["centrality"]))[: int(params["nucleus_size"])].tolist()
+            sampler = CuriosityCurriculum(
+                b.blocks.topics, s.batch_size, s.steps, nucleus, topic_info, policy,
+                _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
+                replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
+                block_size=s.block_size, seed=seed)
+        else:
+            sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency,
+                                   int(params.get("k", info["community_k"])), seed)
+        sampler_box.append(sampler)
+        return iter(sampler)
+
+    eval_s = [0.0]
+
+    def evaluate_fn(m) -> dict[str, float]:
+        t0 = time.perf_counter()
+        met = evaluate(m, b.eval_set, info["eval_batch_size"], device, b.tokenizer.pad_token_id,
+                       autocast_dtype=autocast)
+        topic_ppl = [v for k, v in met.items() if k.startswith("topic/")]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        eval_s[0] += time.perf_counter() - t0
+        return {"ppl": met["heldout/ppl"], "macro_ppl": float(np.mean(topic_ppl)),
+                "worst_ppl": float(np.max(topic_ppl))}
+
+    logged: dict[int, dict] = {}
+
+    def log(row: dict) -> None:
+        logged.setdefault(row["step"], {}).update(row)
+
+    curve = [{"step": 0, "tokens": 0, "lr": 0.0, **evaluate_fn(model)}]
+    eval_s[0] = 0.0
+    result = fit(model, b.blocks, new_sampler, fs, device, evaluate=evaluate_fn, log=log, desc=spec)
+    for step in sorted(logged):
+        row = logged[step]
+        if "ppl" in row:
+            curve.append({"step": step, "tokens": row["tokens"], "lr": row.get("lr"),
+                          **{k: row[k] for k in ("ppl", "macro_ppl", "worst_ppl")}})
+    sampler = sampler_box[0]
+    overhead = getattr(sampler, "overhead_s", 0.0)
+    prep = info["prep_s"]
+    return {
+        "seed": seed, "arm": spec, "name": name, "params": params, "settings": asdict(settings),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "steps": result.steps, "tokens": result.tokens, "curve": curve,
+        "train_s": round(result.seconds - eval_s[0] - overhead, 2), "eval_s": round(eval_s[0], 2),
+        "overhead_s": round(overhead, 2),
+        "prep_s": (prep["index"] if name in NEEDS_TOPICS else 0.0) + (prep["nucleate"] if name == "nucleus" else 0.0),
+        "phases": sampler.summary() if hasattr(sampler, "summary") else None,
+        "mixture": sampler.mixture().tolist() if hasattr(sampler, "mixture") else None,
+    }
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_fair(rows: list[dict]) -> None:
+    """Stop loudly unless every arm of a seed had the same settings, steps, tokens, evaluation
+    points and learning rates at them."""
+    problems = []
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == seed]
+        ref = mine[0]
+
+        def signature(r: dict) -> dict:
+            return {"settings": r["settings"], "steps": r["steps"], "tokens": r["tokens"],
+                    "eval steps": [p["step"] for p in r["curve"]], "eval tokens": [p["tokens"] for p in r["curve"]],
+                    "learning rates": [round(p["lr"], 12) for p in r["curve"]]}
+
+        for r in mine[1:]:
+            for key, value in signature(r).items():
+                if value != signature(ref)[key]:
+                    problems.append(f"seed {seed}: arm '{r['arm']}' differs from '{ref['arm']}' in {key}")
+    if problems:
+        raise SystemExit("unfair comparison, refusing to report:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="index, nucleate, export the bundle (CPU)")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "bench-curriculum.yaml")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    r = sub.add_parser("run", help="every (seed, arm), then the comparison")
+    r.add_argument("--bundle", type=Path, required=True)
+    r.add_argument("--arms", nargs="+", default=list(ARMS))
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--eval-every", type=int, default=25)
+    r.add_argument("--batch-size", type=int, help="default: the bundle's train.batch_size")
+    r.add_argument("--lr", type=float, help="default: the bundle's train.lr")
+    r.add_argument("--warmup-steps", type=int, help="default: the bundle's train.warmup_steps")
+    r.add_argument("--jobs", type=int, help="processes at once (default: one seed's arms side by side)")
+    r.add_argument("--work", type=Path, default=Path("/tmp/bench-curriculum"))
+    r.add_argument("--json-out", type=Path)
+    r.add_argument("--plot", type=Path)
+    a1 = sub.add_parser("arm", help="internal: one (seed, arm)")
+    a1.add_argument("bundle", type=Path)
+    a1.add_argument("spec")
+    a1.add_argument("seed", type=int)
+    a1.add_argument("out", type=Path)
+    a1.add_argument("--settings", required=True, help="Settings as JSON")
+    a = ap.parse_args()
+
+    if a.cmd == "prepare":
+        prepare(a.run_dir, a.bundle, a.config, a.sets)
+    elif a.cmd == "arm":
+        row = run_arm(a.bundle, a.spec, a.seed, Settings(**json.loads(a.settings)))
+        a.out.write_text(json.dumps(row))
+    else:
+        for spec in a.arms:
+            parse_arm(spec)
+        if "uniform" not in a.arms:
+            sys.exit("--arms must include uniform: every ratio is against it")
+        info = json.loads((a.bundle / "bundle.json").read_text())
+        settings = Settings(a.steps, a.batch_size or info["batch_size"], a.lr or info["lr"],
+                            info["warmup_steps"] if a.warmup_steps is None else a.warmup_steps,
+                            a.eval_every, info["block_size"], info["model_size"])
+        t0 = time.perf_counter()
+        out = {(s, spec): a.work / f"s{s}-{spec.replace(':', '_').replace(',', '_')}.json"
+               for s in a.seeds for spec in a.arms}
+        run_all(__file__, [(["arm", str(a.bundle), spec, str(s), str(path), "--settings", json.dumps(asdict(settings))],
+                            path.with_suffix(".log")) for (s, spec), path in out.items()], a.jobs or len(a.arms))
+        rows = [json.loads(path.read_text()) for path in out.values()]
+        check_fair(rows)
+        summary = report.summarise(rows)
+        print(report.table(summary))
+        print()
+        print(report.headline(summary))
+        result = {"device": rows[0]["device"], "command": " ".join(sys.argv), "settings": asdict(settings),
+                  "bundle": {k: info[k] for k in ("source", "corpus", "blocks", "passages", "prep_s", "nucleus")},
+                  "seeds": a.seeds, "arms": a.arms, "total_s": round(time.perf_counter() - t0, 1),
+                  "summary": summary, "rows": rows}
+        if a.json_out:
+            a.json_out.parent.mkdir(parents=True, exist_ok=True)
+            a.json_out.write_text(json.dumps(result, indent=1))
+        if a.plot:
+            report.plot(rows, a.plot)
+
+
+if __name__ == "__main__":
+    main()
