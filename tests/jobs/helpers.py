@@ -76,13 +76,16 @@ def worker_pid(name: str) -> int:
 
 
 def tree(root: Path, skip: Path | None = None) -> dict[str, int]:
-    """{relative path: size} of every file under root (skipping `skip`)."""
+    """{relative path: size} of every file under root, and {relative path/: -1} of every
+    directory (an empty folder made outside the run counts as a write too), skipping `skip`."""
     out = {}
     for p in sorted(root.rglob("*")):
         if skip is not None and (p == skip or skip in p.parents):
             continue
         if p.is_file():
             out[str(p.relative_to(root))] = p.stat().st_size
+        elif p.is_dir():
+            out[f"{p.relative_to(root)}/"] = -1
     return out
 
 
@@ -95,7 +98,21 @@ def assert_one_complete_adapter_each(run_dir: Path, nb_ids: list[str]) -> None:
         assert required <= files <= required | {"README.md"}, (nb, files)  # peft may add its model card
         info = json.loads((run_dir / "adapters" / nb / "neighborhood.json").read_text())
         assert info["neighborhood"]["id"] == nb and info["result"]["steps"] > 0
+        _assert_weights_load(run_dir / "adapters" / nb / "adapter_model.safetensors")
+        assert not (run_dir / "checkpoints" / nb).exists(), nb  # no half-trained checkpoint left behind
     assert not list(run_dir.rglob(".tmp-*"))
+
+
+def _assert_weights_load(path: Path) -> None:
+    """The adapter's weights read back whole: every tensor there and finite (no torn file)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        assert names, path
+        for name in names:
+            assert torch.isfinite(f.get_tensor(name)).all(), (path, name)
 
 
 # ------------------------------------------------------------------------------- redis

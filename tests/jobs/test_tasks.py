@@ -44,6 +44,7 @@ def test_app_settings_json_only_late_ack_one_message_and_time_limits(tmp_path):
     assert conf.task_serializer == conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.task_time_limit == 900 and conf.task_soft_time_limit == 870
+    assert conf.worker_pool_start_method == "spawn"  # workers run the solo pool (checked in test_workers)
     assert conf.broker_url.startswith("nucleusfs://")  # the embedded filesystem transport
     opts = conf.broker_transport_options
     assert opts["data_folder_in"] == opts["data_folder_out"] == str(ws.root / "queue" / "messages")

@@ -58,9 +58,12 @@ def _check_round(run_dir):
     jobs = {j["job_id"]: j for j in rows(run_dir, "jobs")}
     assert sorted(j["kind"] for j in jobs.values()) == ["expand"] * 4 + ["train"] * 4
     assert all(j["state"] == "done" for j in jobs.values()), jobs
-    for nb in nb_ids:  # the ledger names the adapter that is on disk
+    for nb in nb_ids:  # the ledger names the adapter that is on disk, with its config and its steps
         train = next(j for j in jobs.values() if j["kind"] == "train" and json.loads(j["args"])["nb_id"] == nb)
-        assert json.loads(train["result"])["output"] == str(run_dir / "adapters" / nb)
+        result = json.loads(train["result"])
+        info = json.loads((run_dir / "adapters" / nb / "neighborhood.json").read_text())
+        assert result["output"] == str(run_dir / "adapters" / nb)
+        assert train["job_id"].endswith(f":{info['config_hash']}") and result["steps"] == info["result"]["steps"] == 20
     return jobs
 
 
@@ -92,6 +95,7 @@ def test_round_survives_a_worker_killed_mid_job(trained_run_copy, tmp_path, tran
         assert pid in ([w.pid for w in workers] or _local_workers(trained_run_copy))
         os.kill(pid, signal.SIGKILL)  # mid-job: its training had just started
         workers.append(start_worker(trained_run_copy, tmp_path / "w2.log", *broker))  # a fresh worker joins
+        wait_ready(tmp_path / "w2.log")
         _finish(explore, tmp_path / "explore.log")
         if transport == "filesystem":  # explore stopped the workers it started
             assert _local_workers(trained_run_copy) == [workers[-1].pid]
@@ -100,6 +104,15 @@ def test_round_survives_a_worker_killed_mid_job(trained_run_copy, tmp_path, tran
         assert killed["attempts"] == 2 and killed["sends"] == 2 and "no heartbeat" in killed["error"]
         assert sum(j["attempts"] for j in jobs.values()) == 9  # every other job ran exactly once
         assert json.loads(killed["result"])["skipped"] is False
+        # The fresh worker took the run's queues: with every other worker gone, it answers a job.
+        stop(workers[:-1])
+        ws = Workspace(trained_run_copy)
+        cfg = resolve_config(ws.stored_config(), None, broker)
+        app = make_app(cfg, ws)
+        app.send_task("nucleus.ping", kwargs=make_args(cfg, ws, "ping", n=1), task_id="after-kill",
+                      queue=queue_name(cfg, ws, "expand"))
+        meta = _results(app, ["after-kill"], timeout=60)["after-kill"]
+        assert meta["status"] == "SUCCESS" and meta["result"]["pid"] == workers[-1].pid, meta
     finally:
         if explore is not None and explore.poll() is None:
             explore.kill()
@@ -120,6 +133,7 @@ def test_round_completes_when_redis_stops_and_starts_again(trained_run_copy, tmp
                  240, "a running training")
         redis_stop()  # mid-round: queued messages are lost (no persistence), workers lose the broker
         time.sleep(3)
+        assert explore.poll() is None  # the round is still going while Redis is down
         redis_start()
         _finish(explore, tmp_path / "explore.log")
         _check_round(trained_run_copy)
@@ -217,6 +231,11 @@ def test_malformed_messages_are_rejected_logged_and_write_nothing(fs_workers):
     text = "".join(log.read_text() for log in logs)
     for cid in [*bad, "bad-positional"]:
         assert f"rejected train job {cid}" in text or f"rejected expand job {cid}" in text, cid
+    lines = text.splitlines()
+    for cid, why in (("bad-type", "bad value for nb_id"), ("bad-outside", "is not the run directory this worker"),
+                     ("bad-dotdot", "is not the run directory this worker"),
+                     ("bad-unknown", "unknown neighbourhood 'no-such-nb'")):  # logged with the reason
+        assert any(f"rejected train job {cid}: " in line and why in line for line in lines), (cid, why)
     assert "untrusted content of type pickle" in text
     assert app.backend.get_task_meta("bad-pickle")["status"] == "PENDING"  # never ran
     assert tree(outside, skip=run_dir) == before_out  # nothing written outside the run directory
@@ -240,6 +259,36 @@ def test_a_job_failing_on_every_attempt_is_failed_with_the_workers_error(fs_work
     row = next(r for r in rows(run_dir, "jobs") if r["job_id"] == job)
     assert row["state"] == "failed" and row["attempts"] == 2 and row["sends"] == 2 and "IndexError" in row["error"]
     assert not (run_dir / "adapters" / "broken").exists()
+
+
+def test_a_job_over_the_time_limit_is_stopped_in_the_solo_worker(fs_workers):
+    """Celery's own time limits do nothing in the solo pool the workers run: the job's limit
+    (`jobs.time_limit_s`, read by the worker from the run's config) stops it."""
+    run_dir, logs = fs_workers
+    assert all("concurrency: 1 (solo)" in log.read_text() for log in logs)
+    ws = Workspace(run_dir)
+    dup = json.loads((run_dir / "neighborhoods" / "dup-t0.json").read_text())
+    (run_dir / "neighborhoods" / "slow.json").write_text(json.dumps({**dup, "id": "slow"}))
+    stored = resolve_config(ws.stored_config(), None, None)
+    cfg = resolve_config(ws.stored_config(), None, ["jobs.mode=celery", "jobs.max_attempts=1", "jobs.poll_s=0.2",
+                                                    "jobs.time_limit_s=2", "lora.steps=20000"])
+    ws.save_config(cfg)  # the workers read the run's config for every job
+    try:
+        start = time.time()
+        with CeleryExecutor(cfg, ws) as ex:
+            job = ex.submit("train", nb_id="slow")
+            with pytest.raises(JobFailed, match="JobTimeLimit: the job ran longer than jobs.time_limit_s = 2 s"):
+                ex.wait([job])
+        assert time.time() - start < 60  # 20000 steps would take many minutes
+    finally:
+        ws.save_config(stored)
+    row = next(r for r in rows(run_dir, "jobs") if r["job_id"] == job)
+    assert row["state"] == "failed" and row["attempts"] == 1
+    assert not (run_dir / "adapters" / "slow").exists() and not list(run_dir.rglob(".tmp-*"))
+    app = make_app(stored, ws)  # the worker that hit the limit still serves
+    app.send_task("nucleus.ping", kwargs=make_args(stored, ws, "ping", n=3), task_id="after-limit",
+                  queue=queue_name(stored, ws, "expand"))
+    assert _results(app, ["after-limit"], timeout=60)["after-limit"]["status"] == "SUCCESS"
 
 
 def test_an_embedding_shard_from_a_worker_is_the_shard_index_writes(fs_workers):
