@@ -13,7 +13,9 @@ One model (not adapters) is trained from scratch under each arm, side by side in
 An arm may carry parameters: `nucleus:replay=0.5,coverage=0.25,policy=nearest,k=2,nucleus_size=3`
 (replay fraction, share of the steps the curriculum takes before the natural mixture, curiosity
 policy, neighbours joined to each chosen topic, the N most central topics as the nucleus instead of
-the nucleated one), `community:k=3`. Every arm of a seed gets the same model initialisation, blocks (full 256-token
+the nucleated one), `nucleus:expanding=0` (each phase draws `1 - replay` of its blocks from the new
+neighbourhood; the default, `expanding=1`, draws uniformly over everything explored so far: an
+expanding window, which RESULTS.md section 8 found better), `community:k=3`. Every arm of a seed gets the same model initialisation, blocks (full 256-token
 blocks, each from one topic, so that tokens = steps x batch x block size exactly), optimizer,
 learning-rate schedule and evaluation points, through the product's training loop
 (`pipeline.trainer.fit`); `run` checks that and stops loudly if any of it differs.
@@ -178,7 +180,7 @@ def parse_arm(spec: str) -> tuple[str, dict]:
             params[key] = float(value)
         except ValueError:
             params[key] = value
-    allowed = {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size"},
+    allowed = {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size", "expanding"},
                "community": {"k"}}.get(name, set())
     if set(params) - allowed:
         raise SystemExit(f"arm '{spec}': unknown parameters {sorted(set(params) - allowed)}; "
@@ -197,6 +199,7 @@ class Settings:
     eval_every: int
     block_size: int
     model_size: str
+    eval_batch_size: int
 
 
 def _loss_fn(model, b: Bundle, seed: int, device, autocast_dtype):
@@ -273,7 +276,7 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 b.blocks.topics, s.batch_size, s.steps, nucleus, topic_info, policy,
                 _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
-                block_size=s.block_size, seed=seed)
+                block_size=s.block_size, expanding=bool(params.get("expanding", 1)), seed=seed)
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency,
                                    int(params.get("k", info["community_k"])), seed)
@@ -284,7 +287,7 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
 
     def evaluate_fn(m) -> dict[str, float]:
         t0 = time.perf_counter()
-        met = evaluate(m, b.eval_set, info["eval_batch_size"], device, b.tokenizer.pad_token_id,
+        met = evaluate(m, b.eval_set, s.eval_batch_size, device, b.tokenizer.pad_token_id,
                        autocast_dtype=autocast)
         topic_ppl = [v for k, v in met.items() if k.startswith("topic/")]
         if device.type == "cuda":
@@ -365,6 +368,7 @@ def main() -> None:
     r.add_argument("--batch-size", type=int, help="default: the bundle's train.batch_size")
     r.add_argument("--lr", type=float, help="default: the bundle's train.lr")
     r.add_argument("--warmup-steps", type=int, help="default: the bundle's train.warmup_steps")
+    r.add_argument("--eval-batch-size", type=int, help="default: the bundle's train.eval_batch_size")
     r.add_argument("--jobs", type=int, help="processes at once (default: one seed's arms side by side)")
     r.add_argument("--work", type=Path, default=Path("/tmp/bench-curriculum"))
     r.add_argument("--json-out", type=Path)
@@ -390,7 +394,8 @@ def main() -> None:
         info = json.loads((a.bundle / "bundle.json").read_text())
         settings = Settings(a.steps, a.batch_size or info["batch_size"], a.lr or info["lr"],
                             info["warmup_steps"] if a.warmup_steps is None else a.warmup_steps,
-                            a.eval_every, info["block_size"], info["model_size"])
+                            a.eval_every, info["block_size"], info["model_size"],
+                            a.eval_batch_size or info["eval_batch_size"])
         t0 = time.perf_counter()
         out = {(s, spec): a.work / f"s{s}-{spec.replace(':', '_').replace(',', '_')}.json"
                for s in a.seeds for spec in a.arms}

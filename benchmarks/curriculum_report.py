@@ -11,11 +11,13 @@ the merged rows with their summary.
 The JSON (written by `benchmarks/curriculum.py run`) holds one row per (seed, arm), each with its
 evaluation curve: `curve` = [{"step", "tokens", "ppl", "macro_ppl", "worst_ppl"}, ...].
 
-Tokens-to-target ratio, per seed: the target is the perplexity the `uniform` arm ends with;
-T(arm) is the first point where the arm's curve reaches it (linear interpolation in tokens
-between evaluation points); R = T(uniform) / T(arm). R > 1: the arm gets there with fewer
-tokens. An arm that never reaches the target within the budget has no R ("not reached", i.e.
-R < 1 in that seed). `R_macro` does the same on macro per-topic perplexity.
+Tokens-to-target ratio, per seed: R = T_uniform(target) / T_arm(target), where T(target) is the
+first point where a curve reaches the target perplexity (linear interpolation in tokens between
+evaluation points). The target is the perplexity the `uniform` arm ends with. R > 1: the arm gets
+there with fewer tokens. An arm that never gets down to it within the budget is measured at its
+own final perplexity instead, which both curves reach: then R = (tokens uniform needs to match
+the arm's final perplexity) / (tokens the arm needed), below 1; the table marks those seeds
+("at own final"). `R_macro` does the same on macro per-topic perplexity.
 """
 
 from __future__ import annotations
@@ -41,19 +43,22 @@ def tokens_to_target(curve: list[dict], key: str, target: float) -> float | None
     return None
 
 
-def ratios(rows: list[dict], key: str) -> dict[tuple[int, str], float | None]:
-    """R per (seed, arm) against the uniform arm of the same seed, on curve metric `key`."""
+def ratios(rows: list[dict], key: str) -> dict[tuple[int, str], tuple[float, bool]]:
+    """(R, reached) per (seed, arm) against the uniform arm of the same seed, on curve metric
+    `key`; `reached` is False where R was measured at the arm's own final perplexity."""
     out = {}
     for seed in sorted({r["seed"] for r in rows}):
         mine = {r["arm"]: r for r in rows if r["seed"] == seed}
         if BASELINE not in mine:
             raise SystemExit(f"seed {seed} has no '{BASELINE}' arm to compare with")
         base = mine[BASELINE]["curve"]
-        target = base[-1][key]
-        t_base = tokens_to_target(base, key, target)
         for arm, row in mine.items():
+            target, reached = base[-1][key], True
             t = tokens_to_target(row["curve"], key, target)
-            out[(seed, arm)] = None if t is None else t_base / t
+            if t is None:  # never that low: compare where both curves get, the arm's final value
+                target, reached = row["curve"][-1][key], False
+                t = tokens_to_target(row["curve"], key, target)
+            out[(seed, arm)] = (tokens_to_target(base, key, target) / t, reached)
     return out
 
 
@@ -72,33 +77,38 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
                           ("macro_ppl", lambda r: r["curve"][-1]["macro_ppl"]),
                           ("worst_ppl", lambda r: r["curve"][-1]["worst_ppl"]),
                           ("train_s", lambda r: r["train_s"]),
+                          ("overhead_s", lambda r: r["overhead_s"]),
+                          ("prep_s", lambda r: r["prep_s"]),
                           ("wall_s", lambda r: r["train_s"] + r["overhead_s"] + r["prep_s"])):
             entry[name] = _stats([get(r) for r in mine])
         for name, table in (("R", r_ppl), ("R_macro", r_macro)):
             values = [table[(r["seed"], arm)] for r in mine]
-            reached = [v for v in values if v is not None]
-            entry[name] = _stats(reached) if reached else None
-            entry[name + "_reached"] = f"{len(reached)}/{len(values)}"
+            entry[name] = _stats([v for v, _ in values])
+            entry[name + "_reached"] = f"{sum(ok for _, ok in values)}/{len(values)}"
         out[arm] = entry
     return out
 
 
-def _fmt(stat: tuple[float, float] | None, digits: int = 2) -> str:
-    return "not reached" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+def _fmt(stat: tuple[float, float], digits: int = 2) -> str:
+    return f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+
+
+def _fmt_ratio(entry: dict, name: str) -> str:
+    reached, n = entry[name + "_reached"].split("/")
+    note = "" if reached == n else f" (at own final in {int(n) - int(reached)}/{n})"
+    return _fmt(entry[name]) + note
 
 
 def table(summary: dict[str, dict]) -> str:
-    """Markdown table, one row per arm (mean ± std over seeds)."""
+    """Markdown table, one row per arm (mean ± std over seeds). Wall-clock = training (evaluation
+    excluded) + the curriculum's own choices + the preparation the arm needs (`prep`)."""
     lines = ["| arm | R (held-out ppl) | R (macro per-topic ppl) | final ppl | macro ppl | worst-topic ppl "
-             "| wall-clock s (train + curriculum + prep) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| train s | curriculum s | prep s | wall-clock s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm, e in summary.items():
-        r = _fmt(e["R"]) + ("" if e["R_reached"].split("/")[0] == e["R_reached"].split("/")[1]
-                            else f" (reached {e['R_reached']})")
-        rm = _fmt(e["R_macro"]) + ("" if e["R_macro_reached"].split("/")[0] == e["R_macro_reached"].split("/")[1]
-                                   else f" (reached {e['R_macro_reached']})")
-        lines.append(f"| `{arm}` | {r} | {rm} | {_fmt(e['final_ppl'], 1)} | {_fmt(e['macro_ppl'], 1)} "
-                     f"| {_fmt(e['worst_ppl'], 1)} | {_fmt(e['wall_s'], 1)} |")
+        lines.append(f"| `{arm}` | {_fmt_ratio(e, 'R')} | {_fmt_ratio(e, 'R_macro')} | {_fmt(e['final_ppl'], 1)} | {_fmt(e['macro_ppl'], 1)} "
+                     f"| {_fmt(e['worst_ppl'], 1)} | {_fmt(e['train_s'], 1)} | {_fmt(e['overhead_s'], 1)} "
+                     f"| {e['prep_s'][0]:.0f} | {_fmt(e['wall_s'], 1)} |")
     return "\n".join(lines)
 
 
@@ -107,10 +117,9 @@ def headline(summary: dict[str, dict], arm: str = "nucleus") -> str:
     e = summary.get(arm)
     if e is None:
         return f"tokens-to-target ratio ({arm} vs uniform): no such arm"
-    if e["R"] is None:
-        return f"tokens-to-target ratio ({arm} vs uniform): < 1 (target not reached in any seed)"
-    note = "" if e["R_reached"].split("/")[0] == e["R_reached"].split("/")[1] else \
-        f" (reached in {e['R_reached']} seeds; R < 1 in the others)"
+    reached, n = e["R_reached"].split("/")
+    note = "" if reached == n else (f" (it never gets down to uniform's final perplexity in {int(n) - int(reached)} "
+                                    f"of {n} seeds; there R is taken at its own final perplexity)")
     return f"tokens-to-target ratio ({arm} vs uniform): {e['R'][0]:.2f}{note}"
 
 

@@ -12,6 +12,8 @@ block sampler whose stream is a sequence of phases.
    explored before (against forgetting). At the end of the phase the drop in the current model's
    loss on the new topics' probe blocks (per 1k new-topic tokens) is the realised learning
    progress that the policy learns from.
+   With `expanding=True` a phase instead draws uniformly from every block explored so far, the
+   new topics included (an expanding window over the natural mixture; `replay` is then unused).
 3. A phase lasts in proportion to the blocks it adds: the curriculum as a whole takes
    `coverage` of the total batches. What is left after it (or once every topic is explored) is
    uniform over all blocks, the natural mixture.
@@ -67,7 +69,7 @@ class CuriosityCurriculum:
 
     def __init__(self, block_topics: np.ndarray, batch_size: int, total_batches: int, nucleus: list[int],
                  info: TopicInfo, policy, loss_fn: LossFn, *, coverage: float = 0.5, replay: float = 0.25,
-                 k: int = 1, block_size: int = 1, seed: int = 0) -> None:
+                 k: int = 1, block_size: int = 1, expanding: bool = False, seed: int = 0) -> None:
         self.block_topics = np.asarray(block_topics, dtype=np.int64)
         present = set(np.unique(self.block_topics).tolist())
         if not 0.0 < coverage <= 1.0:
@@ -80,6 +82,7 @@ class CuriosityCurriculum:
         self.batch_size, self.total_batches = batch_size, total_batches
         self.info, self.policy, self.loss_fn = info, policy, loss_fn
         self.coverage, self.replay, self.k, self.block_size = coverage, replay, k, block_size
+        self.expanding = expanding
         self.seed = seed
         self.topics = sorted(present)
         self.sizes = np.bincount(self.block_topics, minlength=max(self.topics) + 1)
@@ -157,6 +160,8 @@ class CuriosityCurriculum:
         self._pending = None
         phase.loss_after = self._mean_loss(self.loss_fn(phase.topics), phase.topics)
         new_tokens = phase.batches * (self.batch_size - self._n_old) * self.block_size
+        if self.expanding:  # the new topics' share of a batch drawn over everything explored
+            new_tokens *= self.sizes[phase.topics].sum() / self.sizes[self.explored].sum()
         phase.progress = learning_progress(phase.loss_before, phase.loss_after, new_tokens)
         self.policy.update(phase.chosen, x, phase.progress)
 
@@ -184,7 +189,10 @@ class CuriosityCurriculum:
         phase = Phase(topics, start, self._phase_length(topics), "neighborhood", chosen=topic, score=float(score),
                       predicted=None if predicted is None else float(predicted[i]),
                       loss_before=self._mean_loss(self.loss_fn(topics), topics))
-        self._start(phase, topics, list(self.explored))
+        if self.expanding:
+            self._start(phase, sorted(set(self.explored) | set(topics)), [])
+        else:
+            self._start(phase, topics, list(self.explored))
         self._pending = (phase, x[i])
         self.explored = sorted(set(self.explored) | set(topics))
 

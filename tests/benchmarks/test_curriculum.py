@@ -29,12 +29,15 @@ def test_ratio_is_uniform_tokens_over_arm_tokens_to_uniforms_final_perplexity():
             {"seed": 0, "arm": "fast", "curve": _curve([(0, 100.0), (1000, 40.0), (2000, 35.0)])},
             {"seed": 0, "arm": "slow", "curve": _curve([(0, 100.0), (1000, 70.0), (2000, 45.0)])}]
     r = report.ratios(rows, "ppl")
-    assert r[(0, "uniform")] == 1.0 and r[(0, "fast")] == 2.0 and r[(0, "slow")] is None
+    assert r[(0, "uniform")] == (1.0, True) and r[(0, "fast")] == (2.0, True)
+    # `slow` never gets to 40: compared at its own final 45, which uniform reaches at 1750 tokens
+    assert r[(0, "slow")] == (pytest.approx(1750 / 2000), False)
     for row in rows:
         row.update(train_s=1.0, overhead_s=0.0, prep_s=0.0)
     summary = report.summarise(rows)
     assert report.headline(summary, "fast") == "tokens-to-target ratio (fast vs uniform): 2.00"
-    assert "not reached" in report.table(summary)
+    assert report.headline(summary, "slow").startswith("tokens-to-target ratio (slow vs uniform): 0.88 (it never")
+    assert "0.88 ± 0.00 (at own final in 1/1)" in report.table(summary)
 
 
 def test_unfair_arms_are_refused_loudly():
@@ -83,7 +86,8 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     assert set(rows) == set(arms) and (tmp_path / "curves.png").stat().st_size > 10_000
     assert {r["tokens"] for r in rows.values()} == {30 * 8 * 64}  # full blocks: the same tokens exactly
     assert all([p["step"] for p in r["curve"]] == [0, 10, 20, 30] for r in rows.values())
-    assert result["summary"]["uniform"]["R"][0] == 1.0
+    assert result["summary"]["uniform"]["R"][0] == 1.0 and result["summary"]["uniform"]["R_reached"] == "1/1"
+    assert all(0 < e["R"][0] for e in result["summary"].values())
     phases = rows["nucleus"]["phases"]
     assert phases[0]["kind"] == "nucleus" and phases[0]["topics"] == info["nucleus"]
     assert rows["nucleus"]["overhead_s"] > 0 and rows["nucleus"]["prep_s"] >= rows["odm"]["prep_s"] > 0
