@@ -8,12 +8,13 @@ block sampler whose stream is a sequence of phases.
 2. Each later phase adds one neighbourhood: the curiosity policy scores the frontier (unexplored
    topics next to explored ones; any unexplored topic when the frontier is empty) with the same
    features `explore` uses, the best topic joins `k` of its unexplored neighbours, and the phase's
-   batches draw `1 - replay` of their blocks from the new topics and `replay` from the topics
-   explored before (against forgetting). At the end of the phase the drop in the current model's
+   batches draw uniformly from every block explored so far, the new topics included: an
+   expanding window over the natural mixture (the default: batches stay close to the natural
+   mixture, which the curriculum benchmark found decisive, RESULTS.md section 8). With
+   `expanding=False` they draw `1 - replay` of their blocks from the new topics and `replay`
+   from the topics explored before instead. At the end of the phase the drop in the current model's
    loss on the new topics' probe blocks (per 1k new-topic tokens) is the realised learning
    progress that the policy learns from.
-   With `expanding=True` a phase instead draws uniformly from every block explored so far, the
-   new topics included (an expanding window over the natural mixture; `replay` is then unused).
 3. A phase lasts in proportion to the blocks it adds: the curriculum as a whole takes
    `coverage` of the total batches. What is left after it (or once every topic is explored) is
    uniform over all blocks, the natural mixture.
@@ -69,7 +70,7 @@ class CuriosityCurriculum:
 
     def __init__(self, block_topics: np.ndarray, batch_size: int, total_batches: int, nucleus: list[int],
                  info: TopicInfo, policy, loss_fn: LossFn, *, coverage: float = 0.5, replay: float = 0.25,
-                 k: int = 1, block_size: int = 1, expanding: bool = False, seed: int = 0) -> None:
+                 k: int = 1, block_size: int = 1, expanding: bool = True, seed: int = 0) -> None:
         self.block_topics = np.asarray(block_topics, dtype=np.int64)
         present = set(np.unique(self.block_topics).tolist())
         if not 0.0 < coverage <= 1.0:

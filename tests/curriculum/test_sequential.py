@@ -25,7 +25,7 @@ def test_nucleus_first_then_frontier_neighbourhoods_with_replay_then_uniform():
     calls: list = []
     policy = make_policy("learned", seed=0)
     cc = CuriosityCurriculum(BLOCK_TOPICS, 8, 200, [0], INFO, policy, losses(calls),
-                             coverage=0.5, replay=0.25, k=1, block_size=4, seed=1)
+                             coverage=0.5, replay=0.25, k=1, block_size=4, expanding=False, seed=1)
     drawn = [cc.next_batch() for _ in range(200)]
     phases = cc.phases
     assert phases[0].kind == "nucleus" and phases[0].topics == [0]
@@ -49,6 +49,28 @@ def test_nucleus_first_then_frontier_neighbourhoods_with_replay_then_uniform():
     assert policy.ys == pytest.approx([p.progress for p in finished])
     assert all(len(x) == len(FEATURES) for x in policy.xs)
     assert phases[-1].start == sum(p.batches for p in phases[:-1]) >= 100
+
+
+def test_expanding_window_draws_over_everything_explored_in_proportion_to_size():
+    policy = make_policy("learned", seed=0)
+    cc = CuriosityCurriculum(BLOCK_TOPICS, 16, 300, [0], INFO, policy, losses([]), coverage=0.5, k=1,
+                             block_size=4, seed=2)
+    drawn = [cc.next_batch() for _ in range(300)]
+    explored: set = set()
+    for p in cc.phases[:-1]:
+        explored |= set(p.topics)
+        window = np.concatenate(drawn[p.start:p.start + p.batches])
+        assert set(BLOCK_TOPICS[window]) <= explored  # never a topic not yet explored
+        if p.kind == "neighborhood":
+            assert p.progress is not None
+    # a long phase draws its window's topics about in proportion to their sizes (natural mixture)
+    longest = max(cc.phases[1:-1], key=lambda p: p.batches)
+    window_topics = sorted({t for p in cc.phases[:cc.phases.index(longest) + 1] for t in p.topics})
+    got = np.bincount(BLOCK_TOPICS[np.concatenate(drawn[longest.start:longest.start + longest.batches])],
+                      minlength=8)[window_topics]
+    expected = np.array(SIZES)[window_topics] / sum(SIZES[t] for t in window_topics)
+    assert np.abs(got / got.sum() - expected).max() < 0.1
+    assert len(policy.ys) == sum(p.kind == "neighborhood" for p in cc.phases)
 
 
 def test_nearest_policy_takes_the_most_similar_frontier_topic_and_k_grows_the_neighbourhood():
