@@ -74,7 +74,27 @@ class _ByTopic:
         return self.order[self.starts[i]:self.starts[i] + self.counts[i]]
 
 
-class UniformSampler:
+class BatchStream:
+    """What every sampler shares: it is its own iterator (`iter(s) is s`, so code holding only
+    `iter(s)` can still call `skip`), and `skip(n)` draws and drops `n` batches unless the
+    sampler has a cheaper way."""
+
+    def next_batch(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next_batch()
+
+    def skip(self, n_batches: int) -> None:
+        """Advance by `n_batches` batches by drawing them."""
+        for _ in range(n_batches):
+            self.next_batch()
+
+
+class UniformSampler(BatchStream):
     """Every block once per epoch in a fresh random order; batches are consecutive slices.
 
     The stream is the concatenation of per-epoch permutations, so the first `n_blocks` indices
@@ -116,12 +136,6 @@ class UniformSampler:
         parts = self._advance(self.batch_size, collect=True)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self  # its own iterator, so `iter(sampler).skip(n)` works for resuming
-
-    def __next__(self) -> np.ndarray:
-        return self.next_batch()
-
     def skip(self, n_batches: int) -> None:
         """Advance by `n_batches` batches; costs one permutation per epoch crossed."""
         if self.n_blocks < self.batch_size:
@@ -132,7 +146,7 @@ class UniformSampler:
         self.batches_drawn += n_batches
 
 
-class CommunitySampler:
+class CommunitySampler(BatchStream):
     """Community traversal: batches come from a ROOT topic and `k` of its neighbours; ROOT walks the graph.
 
     Per batch: ROOT moves to a uniformly random neighbour (the first ROOT is a random topic);
@@ -206,19 +220,9 @@ class CommunitySampler:
         self.history.append((int(self.topics[root]), tuple(sorted(self.topics[community].tolist()))))
         return batch.astype(np.int64, copy=False)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self  # its own iterator, so `iter(sampler).skip(n)` works for resuming
-
-    def __next__(self) -> np.ndarray:
-        return self.next_batch()
-
-    def skip(self, n_batches: int) -> None:
-        """Advance by `n_batches` batches by drawing them (tens of microseconds each)."""
-        for _ in range(n_batches):
-            self.next_batch()
 
 
-class StratifiedSampler:
+class StratifiedSampler(BatchStream):
     """Equal tokens per topic: batch slots go to the topics in turn, a fresh random topic order
     per cycle, so after every whole cycle each topic has had the same number of blocks (and, with
     full blocks, tokens) whatever its size. A topic's blocks come in a fresh random order each
@@ -252,19 +256,9 @@ class StratifiedSampler:
         return np.fromiter((self._next_block() for _ in range(self.batch_size)), dtype=np.int64,
                            count=self.batch_size)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        return self.next_batch()
-
-    def skip(self, n_batches: int) -> None:
-        """Advance by `n_batches` batches by drawing them."""
-        for _ in range(n_batches):
-            self.next_batch()
 
 
-class OdmSampler:
+class OdmSampler(BatchStream):
     """Online data mixing (Albalak et al. 2023, "Efficient Online Data Mixing for Language Model
     Pre-Training"), implemented from the paper's description with topics as its domains.
 
@@ -336,16 +330,6 @@ class OdmSampler:
         self.batches_drawn = int(state["batches_drawn"])
         self._last_mixture = None
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        return self.next_batch()
-
-    def skip(self, n_batches: int) -> None:
-        """Replay `n_batches` draws without feedback (use `load_state_dict` for an exact resume)."""
-        for _ in range(n_batches):
-            self.next_batch()
 
 
 SamplerFactory = Callable[[np.ndarray, int, dict[int, list[int]] | None, int, int], BlockSampler]

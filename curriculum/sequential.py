@@ -34,7 +34,7 @@ import numpy as np
 
 from curriculum.curiosity import TopicFeatures, choose, frontier, learning_progress, structural_features
 from curriculum.expansion import propose_topics
-from curriculum.samplers import UniformSampler
+from curriculum.samplers import BatchStream, UniformSampler
 
 LossFn = Callable[[list[int]], dict[int, float]]  # topic -> loss (nats/token) on its probe blocks
 
@@ -65,8 +65,9 @@ class TopicInfo:
     keywords: dict[int, list[str]]
 
 
-class CuriosityCurriculum:
-    """Nucleus, then curiosity-chosen neighbourhoods with replay, then uniform (module docstring)."""
+class CuriosityCurriculum(BatchStream):
+    """Nucleus, then curiosity-chosen neighbourhoods, then uniform (module docstring). `skip`
+    draws, so phase choices made while skipping ask `loss_fn` about the model as it is then."""
 
     def __init__(self, block_topics: np.ndarray, batch_size: int, total_batches: int, nucleus: list[int],
                  info: TopicInfo, policy, loss_fn: LossFn, *, coverage: float = 0.5, replay: float = 0.25,
@@ -115,17 +116,6 @@ class CuriosityCurriculum:
             old_pool, old_it = self._old
             batch = np.concatenate([batch, old_pool[next(old_it)]])
         return batch
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        return self.next_batch()
-
-    def skip(self, n_batches: int) -> None:
-        """Draw `n_batches` (phase choices ask `loss_fn`, i.e. the model as it is now)."""
-        for _ in range(n_batches):
-            self.next_batch()
 
     # ----------------------------------------------------------------------- phases
 
