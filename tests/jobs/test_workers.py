@@ -1,5 +1,5 @@
-"""Jobs with real `nucleus worker` processes on real brokers: the embedded filesystem transport
-and Redis at 127.0.0.1:6379. A worker killed with -9 mid-job, a broker stopped and started
+"""Jobs with real `nucleus worker` processes on real brokers: the embedded filesystem transport,
+Redis at 127.0.0.1:6379 and RabbitMQ at 127.0.0.1:5672. A worker killed with -9 mid-job, a broker stopped and started
 again mid-round, a job sent twice, malformed messages: every neighbourhood still ends with
 exactly one complete adapter, and the ledger agrees."""
 
@@ -119,6 +119,44 @@ def test_round_survives_a_worker_killed_mid_job(trained_run_copy, tmp_path, tran
         stop(workers)
         if db is not None:
             redis_forget(db, queue_prefix(resolve_config(None, None, None), Workspace(trained_run_copy)))
+
+
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def test_round_over_rabbitmq_survives_a_worker_killed_mid_job(trained_run_copy, tmp_path):
+    """The same round through RabbitMQ (127.0.0.1:5672). RabbitMQ hands a dead consumer's
+    unacknowledged message to another worker at once, so the killed job may run again before
+    its lease expires; either way it ends done, with one complete adapter per neighbourhood."""
+    broker = [f"jobs.broker_url={RABBITMQ}"]
+    workers, explore = [], None
+    cfg = resolve_config(None, None, broker)
+    ws = Workspace(trained_run_copy)
+    try:
+        workers = [start_worker(trained_run_copy, tmp_path / f"w{i}.log", *broker) for i in range(2)]
+        for i in range(2):
+            wait_ready(tmp_path / f"w{i}.log")
+        explore = _explore(trained_run_copy, tmp_path / "explore.log", broker)
+        running = wait_for(lambda: [j for j in rows(trained_run_copy, "jobs")
+                                    if j["kind"] == "train" and j["state"] == "running"], 240, "a running training")
+        victim = running[0]
+        pid = worker_pid(victim["worker"])
+        assert pid in [w.pid for w in workers]
+        os.kill(pid, signal.SIGKILL)
+        workers.append(start_worker(trained_run_copy, tmp_path / "w2.log", *broker))
+        wait_ready(tmp_path / "w2.log")
+        _finish(explore, tmp_path / "explore.log")
+        jobs = _check_round(trained_run_copy)
+        assert jobs[victim["job_id"]]["attempts"] >= 2  # it did start again after the kill
+        assert "amqp://" in (tmp_path / "w2.log").read_text()  # the workers really were on RabbitMQ
+    finally:
+        if explore is not None and explore.poll() is None:
+            explore.kill()
+        stop(workers)
+        with make_app(cfg, ws).connection_for_write() as conn:  # leave no queues behind in the broker
+            channel = conn.channel()
+            for queue in ("expand", "train", "embed"):
+                channel.queue_delete(queue_name(cfg, ws, queue))
 
 
 def test_round_completes_when_redis_stops_and_starts_again(trained_run_copy, tmp_path):
