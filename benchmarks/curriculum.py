@@ -75,13 +75,12 @@ def prepare(run_dir: Path, bundle: Path, config: Path, sets: list[str]) -> None:
 
 
 def _stage_seconds(meta: dict, command: str) -> float:
-    """Wall-clock of the last successful `command` recorded in the run's meta.json."""
+    """Wall-clock of the successful `command` recorded in the run's meta.json that did the work
+    (the longest: later runs found the stage done and returned at once)."""
     from datetime import datetime
 
-    done = [c for c in meta["commands"] if c["command"] == command and c.get("status") == "ok"]
-    ran = [c for c in done if (datetime.fromisoformat(c["ended"]) - datetime.fromisoformat(c["started"])).seconds > 0]
-    c = (ran or done)[0]  # the first successful run did the work; later ones found it done
-    return (datetime.fromisoformat(c["ended"]) - datetime.fromisoformat(c["started"])).total_seconds()
+    return max((datetime.fromisoformat(c["ended"]) - datetime.fromisoformat(c["started"])).total_seconds()
+               for c in meta["commands"] if c["command"] == command and c.get("status") == "ok")
 
 
 def export_bundle(run_dir: Path, bundle: Path) -> None:

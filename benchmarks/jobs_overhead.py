@@ -111,13 +111,18 @@ def overhead(args) -> dict:
         run_job("ping", a, base, ws)
         t.append(time.perf_counter() - t0)
     out["arms"]["call"] = stats_ms(t)
-    ex, t = InlineExecutor(base, ws), []
-    for _ in range(args.repeats):
-        n[0] += 1
-        t0 = time.perf_counter()
-        ex.wait([ex.submit("ping", n=n[0])])
-        t.append(time.perf_counter() - t0)
-    out["arms"]["inline"] = stats_ms(t)
+
+    def through_executor(ex) -> list[float]:
+        """Seconds from submit to result of `repeats` empty jobs through the orchestrator's executor."""
+        t = []
+        for _ in range(args.repeats):
+            n[0] += 1
+            t0 = time.perf_counter()
+            ex.wait([ex.submit("ping", n=n[0])])
+            t.append(time.perf_counter() - t0)
+        return t
+
+    out["arms"]["inline"] = stats_ms(through_executor(InlineExecutor(base, ws)))
 
     brokers = {"filesystem": []}
     if not args.no_redis:
@@ -141,13 +146,7 @@ def overhead(args) -> dict:
                     if i >= 3:  # 3 warm-ups
                         raw.append(time.perf_counter() - t0)
                 out["arms"][f"{name} celery poll_s={poll}"] = stats_ms(raw)
-                ex, t = CeleryExecutor(cfg, ws), []
-                for i in range(args.repeats):
-                    n[0] += 1
-                    t0 = time.perf_counter()
-                    ex.wait([ex.submit("ping", n=n[0])])
-                    t.append(time.perf_counter() - t0)
-                out["arms"][f"{name} executor poll_s={poll}"] = stats_ms(t)
+                out["arms"][f"{name} executor poll_s={poll}"] = stats_ms(through_executor(CeleryExecutor(cfg, ws)))
             finally:
                 stop(worker)
                 if name == "redis":

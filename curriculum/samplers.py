@@ -67,9 +67,6 @@ class _ByTopic:
                                                           return_counts=True)
         self.position = np.searchsorted(self.topics, block_topics)
 
-    def __len__(self) -> int:
-        return len(self.topics)
-
     def blocks(self, i: int) -> np.ndarray:
         return self.order[self.starts[i]:self.starts[i] + self.counts[i]]
 
@@ -221,7 +218,6 @@ class CommunitySampler(BatchStream):
         return batch.astype(np.int64, copy=False)
 
 
-
 class StratifiedSampler(BatchStream):
     """Equal tokens per topic: batch slots go to the topics in turn, a fresh random topic order
     per cycle, so after every whole cycle each topic has had the same number of blocks (and, with
@@ -255,7 +251,6 @@ class StratifiedSampler(BatchStream):
         self.batches_drawn += 1
         return np.fromiter((self._next_block() for _ in range(self.batch_size)), dtype=np.int64,
                            count=self.batch_size)
-
 
 
 class OdmSampler(BatchStream):
@@ -329,7 +324,6 @@ class OdmSampler(BatchStream):
         self.rewards = np.asarray(state["rewards"], dtype=float)
         self.batches_drawn = int(state["batches_drawn"])
         self._last_mixture = None
-
 
 
 SamplerFactory = Callable[[np.ndarray, int, dict[int, list[int]] | None, int, int], BlockSampler]
