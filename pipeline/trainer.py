@@ -91,12 +91,13 @@ class _Checkpoint:
     def exists(self) -> bool:
         return self.dir is not None and (self.dir / "latest" / "state.json").is_file()
 
-    def save(self, model: nn.Module, opt, sched, step: int, tokens: int, sampler_state: dict | None = None) -> None:
+    def save(self, model: nn.Module, trained: set[str], opt, sched, step: int, tokens: int,
+             sampler_state: dict | None = None) -> None:
         if self.dir is None:
             return
         with atomic_path(self.dir / "latest") as tmp:
             tmp.mkdir(parents=True)
-            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in trained}
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
@@ -140,10 +141,16 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         replay: Blocks | None = None, make_replay_sampler: Callable[[], Iterator[np.ndarray]] | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, log: log_fn | None = None,
-        desc: str = "train") -> FitResult:
-    """Train `model`'s trainable parameters for `settings.steps` optimizer steps."""
+        on_batch: Callable[[np.ndarray], None] | None = None, desc: str = "train") -> FitResult:
+    """Train `model`'s trainable parameters for `settings.steps` optimizer steps.
+
+    `on_batch(block_indices)` runs before each micro-batch's forward pass (joint adapter
+    training switches the active expert there)."""
     s = settings
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Every parameter trainable at the start is optimised; one that a step leaves without a
+    # gradient (an idle expert in joint training) is skipped by AdamW and the clipping.
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = [p for n, p in model.named_parameters() if n in trained]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -193,6 +200,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     while step < s.steps:
         for _ in range(s.grad_accum):
             idx, ids, mask, n_tokens = next_batch()
+            if on_batch is not None:
+                on_batch(idx)
             labels = ids.masked_fill(~mask, -100)
             with autocast:
                 out = model(input_ids=ids, attention_mask=mask.long(), labels=labels)
@@ -229,7 +238,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                 log({"step": step, "tokens": tokens, **metrics})
             model.train()
         if step % s.checkpoint_every == 0 and not is_last:
-            ckpt.save(model, opt, sched, step, tokens,
+            ckpt.save(model, trained, opt, sched, step, tokens,
                       sampler.state_dict() if hasattr(sampler, "state_dict") else None)
     bar.close()
     elapsed = time.perf_counter() - t0
