@@ -23,7 +23,14 @@ the nucleus, then on that base
   merged    the neighbourhood adapters merged into one (`linear`: the exact weighted sum of
             deltas, rank n*r like union), with weights 1/n (mean) and 1 (sum)
 
-all scored on the held-out passages of the explored topics (token-weighted perplexity).
+With `--shared-rank S` the neighbourhoods train jointly instead (curriculum/joint.py): a shared
+adapter of rank S plus one expert of rank r per neighbourhood, every step a batch from one
+neighbourhood training the shared adapter and that neighbourhood's expert; each
+neighbourhood's adapter (shared + its expert, one stock peft adapter of rank S + r) is routed,
+mixed, merged as above. The random control trains the same way on its random groups, and the
+union adapter gets rank S + n*r.
+
+All scored on the held-out passages of the explored topics (token-weighted perplexity).
 gain = 1 - ppl(routed) / ppl(union); control recovery = (ppl(union) - ppl(random)) /
 (ppl(union) - ppl(routed)). The script stops if the arms' tokens or parameters differ.
 
@@ -33,6 +40,7 @@ faiss, datasets, pydantic or celery: the GPU image lacks them).
     python benchmarks/adapters_routing.py --tiny --json-out /tmp/adapters_tiny.json       # CPU check
     python benchmarks/adapters_routing.py --data /tmp/wt2/train.txt \\
         --embedder .device/minilm-fp16 --seeds 0 1 2 --json-out $OUT/adapters_routing.json  # H100
+    ... --shared-rank 32 --rank 4                                   # joint: shared 32 + 8 experts of 4
 """
 
 from __future__ import annotations
@@ -83,8 +91,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--base-steps", type=int, default=500, help="about 4 passes over the nucleus at the defaults")
     p.add_argument("--base-lr", type=float, default=2e-3)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="rank of each neighbourhood's adapter (its expert, with --shared-rank)")
+    p.add_argument("--shared-rank", type=int, default=0,
+                   help="> 0: train the neighbourhoods jointly, a shared adapter of this rank plus one expert each "
+                        "(curriculum/joint.py); the union adapter's rank becomes shared + n * rank")
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--union-scale", type=float, default=None,
+                   help="LoRA scale (alpha / rank) of the union adapter; default: the arms' alpha / rank")
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--epochs", type=float, default=3.0, help="adapter passes over its neighbourhood's blocks")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -172,6 +185,33 @@ def train_model(model, blocks: Blocks, steps: int, lr: float, args, seed: int, d
     return result.tokens
 
 
+def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: int, out: Path) -> tuple[int, int]:
+    """(tokens, trainable parameters) of a shared adapter + one expert per group trained jointly
+    (batches from one group at a time, in proportion to the groups' blocks); each group's
+    adapter is exported to `out/nb<g>` as one stock peft adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from curriculum.joint import GroupBatches, activate, add_joint_lora, export_expert, trainable_parameters
+
+    names = [f"nb{g}" for g in range(len(groups))]
+    blocks = Blocks(torch.cat([b.tokens for b in groups]), torch.cat([b.mask for b in groups]),
+                    np.concatenate([np.full(len(b), g, dtype=np.int64) for g, b in enumerate(groups)]))
+    model = add_joint_lora(AutoModelForCausalLM.from_pretrained(base_dir), names, args.shared_rank, args.rank,
+                           args.alpha / args.rank, seed=seed)
+    params = trainable_parameters(model)
+    device = torch.device(args.device)
+    settings = FitSettings(steps=steps, lr=args.lora_lr, batch_size=args.batch_size,
+                           warmup_steps=min(20, steps // 10), eval_every=10**9, checkpoint_every=10**9,
+                           log_every=max(1, steps // 5),
+                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    torch.manual_seed(seed)
+    result = fit(model.to(device), blocks, lambda: GroupBatches(blocks.topics, args.batch_size, seed=seed), settings,
+                 device, on_batch=lambda idx: activate(model, names[int(blocks.topics[idx[0]])]), desc=out.name)
+    for name in names:
+        export_expert(model, name, out / name)
+    return result.tokens, params
+
+
 def train_adapter(base_dir: Path, blocks: Blocks, steps: int, rank: int, alpha: float, args, seed: int,
                   out: Path) -> tuple[int, int]:
     """(tokens, trainable parameters) of one LoRA adapter saved to `out`."""
@@ -218,20 +258,24 @@ def run_seed(seed: int, args, data: dict, work: Path) -> dict:
     arms = {"routed": {}, "random": {}}
     tokens = {"routed": 0, "random": 0, "union": 0}
     params = {"routed": 0, "random": 0, "union": 0}
-    steps = []
-    for g in range(n):
-        b = blocks(nb_rows[g])
-        steps.append(max(1, math.ceil(args.epochs * len(b) / args.batch_size)))
-        for arm, rows in (("routed", nb_rows[g]), ("random", random_rows[g])):
-            out = work / f"seed{seed}" / arm / f"nb{g}"
-            t, p = train_adapter(base_dir, b if arm == "routed" else blocks(rows), steps[g], args.rank, args.alpha,
-                                 args, seed + g, out)
+    steps = [max(1, math.ceil(args.epochs * len(blocks(rows)) / args.batch_size)) for rows in nb_rows]
+    for arm, rows_of in (("routed", nb_rows), ("random", random_rows)):
+        out = work / f"seed{seed}" / arm
+        arms[arm] = {f"nb{g}": (out / f"nb{g}", rows_of[g]) for g in range(n)}
+        if args.shared_rank:  # one joint training: the shared adapter sees every group's tokens
+            tokens[arm], params[arm] = train_joint(base_dir, [blocks(r) for r in rows_of], sum(steps), args, seed,
+                                                   out)
+            continue
+        for g in range(n):  # one adapter per group, trained apart
+            t, p = train_adapter(base_dir, blocks(rows_of[g]), steps[g], args.rank, args.alpha, args, seed + g,
+                                 out / f"nb{g}")
             tokens[arm] += t
             params[arm] += p
-            arms[arm][f"nb{g}"] = (out, rows)
     union_dir = work / f"seed{seed}" / "union" / "all"
-    tokens["union"], params["union"] = train_adapter(base_dir, blocks(union_rows), sum(steps), n * args.rank,
-                                                     n * args.alpha, args, seed, union_dir)
+    union_rank = args.shared_rank + n * args.rank
+    union_scale = args.union_scale or args.alpha / args.rank
+    tokens["union"], params["union"] = train_adapter(base_dir, blocks(union_rows), sum(steps), union_rank,
+                                                     union_rank * union_scale, args, seed, union_dir)
     if len(set(params.values())) != 1:
         raise SystemExit(f"adapter parameters differ between arms: {params}")
     if max(tokens.values()) > 1.01 * min(tokens.values()):
