@@ -28,6 +28,7 @@ from pipeline import report as report_stage
 from pipeline import retrieve as retrieve_stage
 from pipeline import run as run_stage
 from pipeline import train as train_stage
+from pipeline import train_joint
 from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
 from pipeline.errors import JobFailed, UserError
 from pipeline.workspace import Workspace
@@ -210,13 +211,34 @@ def train(run_dir: RunDir,
               "--neighborhood", "-n", help="Neighbourhood to train as a LoRA adapter (default: the nucleus).")] = None,
           topics: Annotated[Optional[str], typer.Option(
               "--topics", help="Define the neighbourhood from these topic ids, e.g. 3,4,7.")] = None,
+          joint: Annotated[bool, typer.Option(
+              "--joint", help="Retrain every neighbourhood adapter together: a shared adapter plus one expert each.")
+          ] = False,
           resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
           config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False, force: ForceOpt = False):
-    """Train the nucleus (the base), or one neighbourhood as its own LoRA adapter."""
+    """Train the nucleus (the base), one neighbourhood as its own LoRA adapter, or (--joint) all
+    neighbourhoods together."""
     with _guard():
+        if joint and (neighborhood or topics):
+            raise UserError("train: --joint trains every neighbourhood adapter of the run; drop -n/--topics.")
         with _stage("train", run_dir, config, set_, force) as (cfg, ws):
-            result = STAGES["train"](cfg, ws, neighborhood, _topic_list(topics), resume=resume, force=force)
-        _emit(result.to_json(), json_, _train_human)
+            if joint:
+                result = train_joint.run(cfg, ws, resume=resume, force=force)
+            else:
+                result = STAGES["train"](cfg, ws, neighborhood, _topic_list(topics), resume=resume, force=force)
+        _emit(result.to_json(), json_, _joint_human if joint else _train_human)
+
+
+def _joint_human(r: dict) -> str:
+    if r["skipped"]:
+        return f"{', '.join(r['members'])}: already trained jointly with this config"
+    lines = [f"trained {len(r['members'])} neighbourhoods jointly (shared rank {r['shared_rank']} + expert rank "
+             f"{r['expert_rank']}, {r['trainable_params']:,} trainable parameters): {r['steps']} steps, "
+             f"{r['tokens']:,} tokens"]
+    for a in r["adapters"]:
+        ppl = a["metrics"].get(f"nb/{a['neighborhood']}/ppl", float("nan"))
+        lines.append(f"  {a['neighborhood']:<12} held-out perplexity {ppl:.2f} -> {a['output']}")
+    return "\n".join(lines)
 
 
 def _explore_human(r: dict) -> str:

@@ -229,6 +229,8 @@ class LoraConfig(Section):
     """Fraction of each adapter batch drawn from nucleus passages, against forgetting."""
     rank: int = Field(default=8, ge=1)
     """LoRA rank, the same for every adapter and layer (so merges stay exact)."""
+    shared_rank: int = Field(default=32, ge=1)
+    """`nucleus train --joint`: rank of the adapter all neighbourhoods share (each one's expert gets `rank`; an exported adapter has rank shared_rank + rank)."""
     alpha: float = Field(default=16.0, gt=0.0)
     """LoRA scaling numerator (scale = alpha / rank)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
