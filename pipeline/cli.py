@@ -223,7 +223,7 @@ def train(run_dir: RunDir,
             raise UserError("train: --joint trains every neighbourhood adapter of the run; drop -n/--topics.")
         with _stage("train", run_dir, config, set_, force) as (cfg, ws):
             if joint:
-                result = train_joint.run(cfg, ws, resume=resume, force=force)
+                result = train_joint.train_jointly(cfg, ws, resume=resume, force=force)
             else:
                 result = STAGES["train"](cfg, ws, neighborhood, _topic_list(topics), resume=resume, force=force)
         _emit(result.to_json(), json_, _joint_human if joint else _train_human)

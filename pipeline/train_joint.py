@@ -1,5 +1,6 @@
 """`nucleus train --joint`: retrain the run's neighbourhood adapters together, as a shared adapter
-plus one expert per neighbourhood (curriculum/joint.py).
+plus one expert per neighbourhood (curriculum/joint.py). A mode of the `train` stage, so its
+entry point is `train_jointly`, not a stage's `run`.
 
 Trained apart, neighbourhood adapters lose to one adapter on their union; trained jointly they
 beat it (benchmarks/RESULTS.md §6). The members are every neighbourhood adapter in `adapters/`
@@ -60,7 +61,7 @@ class JointResult:
         return asdict(self)
 
 
-def run(cfg: NucleusConfig, ws: Workspace, resume: bool = False, force: bool = False) -> JointResult:
+def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = False, force: bool = False) -> JointResult:
     ws.require("train", "train --joint")
     members = _members(ws)
     config_hash = section_hash(cfg, SECTIONS)
