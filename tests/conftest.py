@@ -73,6 +73,25 @@ def nucleus(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def kill_at_checkpoint(args: list[str], state: Path, min_step: int, timeout: float = 120) -> int:
+    """Start `nucleus *args`, SIGKILL it once its checkpoint `state` (a state.json) records at
+    least `min_step` steps, and return that step (a real kill, not an exception)."""
+    import json
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= min_step):
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(state.read_text())["step"]
+
+
 # Tiny training settings: a 2-layer model, short blocks, a few dozen steps (seconds on CPU).
 TRAIN_SETS = ["train.block_size=64", "train.batch_size=8", "train.nucleus_steps=40",
               "lora.steps=40", "train.eval_every=20", "train.checkpoint_every=10",

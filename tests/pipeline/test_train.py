@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import datasets
 import numpy as np
@@ -16,7 +11,7 @@ from pipeline.config import resolve_config
 from pipeline.errors import UserError
 from pipeline.trainer import lr_lambda, sparsify_gradients
 from pipeline.workspace import Workspace
-from tests.conftest import REPO, TRAIN_SETS, nucleus
+from tests.conftest import TRAIN_SETS, kill_at_checkpoint, nucleus
 
 
 def _cfg(ws, *sets):
@@ -96,17 +91,8 @@ def test_training_again_is_a_no_op(adapter_run):
 
 def test_kill_then_resume_continues_with_the_same_steps(trained_run_copy, trained_run):
     args = ["train", "--run-dir", str(trained_run_copy), "-n", "topic-0", "--set", "lora.steps=60"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = trained_run_copy / "checkpoints" / "topic-0" / "latest" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 20):
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(state.read_text())["step"]
+    killed_at = kill_at_checkpoint(args, state, 20)
     assert not (trained_run_copy / "adapters" / "topic-0").exists()
 
     r = nucleus(*args, "--resume", "--json")

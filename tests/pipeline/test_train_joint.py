@@ -3,16 +3,12 @@ writes are stock peft adapters that share their first `shared_rank` ranks exactl
 no-op, a kill mid-training resumes, and bad requests exit 2."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import shutil
 
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, nucleus
+from tests.conftest import kill_at_checkpoint, nucleus
 
 SETS = ["--set", "lora.shared_rank=4", "--set", "lora.rank=2", "--set", "lora.steps=30"]
 
@@ -60,17 +56,8 @@ def test_joint_adapters_share_their_shared_part_and_load_with_plain_peft(adapter
 def test_kill_mid_joint_training_then_resume_finishes(adapters_run_copy):
     run_dir, ids = adapters_run_copy
     args = ["train", "--run-dir", str(run_dir), "--joint", *SETS, "--set", "train.checkpoint_every=10"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = run_dir / "checkpoints" / "_joint" / "latest" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 20):
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(state.read_text())["step"]
+    killed_at = kill_at_checkpoint(args, state, 20)
     for nb in ids:  # the adapters trained apart are untouched until the joint training ends
         assert "joint" not in json.loads((run_dir / "adapters" / nb / "neighborhood.json").read_text())
 
@@ -87,8 +74,6 @@ def test_joint_with_a_neighbourhood_or_too_few_adapters_exits_2(adapters_run_cop
     run_dir, ids = adapters_run_copy
     r = nucleus("train", "--run-dir", str(run_dir), "--joint", "-n", ids[0])
     assert r.returncode == 2 and "--joint" in r.stderr and "Traceback" not in r.stderr
-    import shutil
-
     shutil.rmtree(run_dir / "adapters" / ids[1])
     r = nucleus("train", "--run-dir", str(run_dir), "--joint")
     assert r.returncode == 2 and "at least 2" in r.stderr and "Traceback" not in r.stderr
