@@ -172,16 +172,17 @@ def blocks_for(tokenizer, texts: list[str], groups: list[int], block_size: int) 
     return pack_by_topic(tokenize(tokenizer, texts), groups, block_size, tokenizer.pad_token_id)
 
 
-def train_model(model, blocks: Blocks, steps: int, lr: float, args, seed: int, desc: str) -> int:
+def train_model(model, blocks: Blocks, steps: int, lr: float, args, seed: int, desc: str,
+                make_batches=None, on_batch=None) -> int:
+    """Tokens seen training `model` (uniform batches unless `make_batches` makes the stream)."""
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     settings = FitSettings(steps=steps, lr=lr, batch_size=args.batch_size, warmup_steps=min(20, steps // 10),
                            eval_every=10**9, checkpoint_every=10**9, log_every=max(1, steps // 5),
                            autocast_dtype=autocast)
     torch.manual_seed(seed)
-    result = fit(model.to(device), blocks, lambda: iter(make_sampler("uniform", blocks.topics, args.batch_size,
-                                                                      seed=seed)),
-                 settings, device, desc=desc)
+    make_batches = make_batches or (lambda: iter(make_sampler("uniform", blocks.topics, args.batch_size, seed=seed)))
+    result = fit(model.to(device), blocks, make_batches, settings, device, on_batch=on_batch, desc=desc)
     return result.tokens
 
 
@@ -199,17 +200,12 @@ def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: in
     model = add_joint_lora(AutoModelForCausalLM.from_pretrained(base_dir), names, args.shared_rank, args.rank,
                            args.alpha / args.rank, seed=seed)
     params = trainable_parameters(model)
-    device = torch.device(args.device)
-    settings = FitSettings(steps=steps, lr=args.lora_lr, batch_size=args.batch_size,
-                           warmup_steps=min(20, steps // 10), eval_every=10**9, checkpoint_every=10**9,
-                           log_every=max(1, steps // 5),
-                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    torch.manual_seed(seed)
-    result = fit(model.to(device), blocks, lambda: GroupBatches(blocks.topics, args.batch_size, seed=seed), settings,
-                 device, on_batch=lambda idx: activate(model, names[int(blocks.topics[idx[0]])]), desc=out.name)
+    tokens = train_model(model, blocks, steps, args.lora_lr, args, seed, out.name,
+                         make_batches=lambda: GroupBatches(blocks.topics, args.batch_size, seed=seed),
+                         on_batch=lambda idx: activate(model, names[int(blocks.topics[idx[0]])]))
     for name in names:
         export_expert(model, name, out / name)
-    return result.tokens, params
+    return tokens, params
 
 
 def train_adapter(base_dir: Path, blocks: Blocks, steps: int, rank: int, alpha: float, args, seed: int,
@@ -258,17 +254,17 @@ def run_seed(seed: int, args, data: dict, work: Path) -> dict:
     arms = {"routed": {}, "random": {}}
     tokens = {"routed": 0, "random": 0, "union": 0}
     params = {"routed": 0, "random": 0, "union": 0}
-    steps = [max(1, math.ceil(args.epochs * len(blocks(rows)) / args.batch_size)) for rows in nb_rows]
+    nb_blocks = [blocks(rows) for rows in nb_rows]  # tokenized once: they size the steps and train routed
+    steps = [max(1, math.ceil(args.epochs * len(b) / args.batch_size)) for b in nb_blocks]
     for arm, rows_of in (("routed", nb_rows), ("random", random_rows)):
         out = work / f"seed{seed}" / arm
         arms[arm] = {f"nb{g}": (out / f"nb{g}", rows_of[g]) for g in range(n)}
+        groups = nb_blocks if arm == "routed" else [blocks(r) for r in rows_of]
         if args.shared_rank:  # one joint training: the shared adapter sees every group's tokens
-            tokens[arm], params[arm] = train_joint(base_dir, [blocks(r) for r in rows_of], sum(steps), args, seed,
-                                                   out)
+            tokens[arm], params[arm] = train_joint(base_dir, groups, sum(steps), args, seed, out)
             continue
         for g in range(n):  # one adapter per group, trained apart
-            t, p = train_adapter(base_dir, blocks(rows_of[g]), steps[g], args.rank, args.alpha, args, seed + g,
-                                 out / f"nb{g}")
+            t, p = train_adapter(base_dir, groups[g], steps[g], args.rank, args.alpha, args, seed + g, out / f"nb{g}")
             tokens[arm] += t
             params[arm] += p
     union_dir = work / f"seed{seed}" / "union" / "all"

@@ -28,6 +28,7 @@ import torch
 from curriculum.joint import GroupBatches, activate, add_joint_lora, export_expert, trainable_parameters
 from curriculum.neighborhood import NUCLEUS, Neighborhood
 from pipeline import __version__
+from pipeline import adapters as adapters_stage
 from pipeline import nucleate as nucleate_stage
 from pipeline.atomic import atomic_path, atomic_write_json, read_json
 from pipeline.config import NucleusConfig, section_hash
@@ -108,19 +109,12 @@ def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = False, force
 
 def _members(ws: Workspace) -> list[Neighborhood]:
     """Every neighbourhood with an adapter as trained (not the nucleus, not a merge)."""
-    root = ws.root / "adapters"
-    members = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        record = d / "neighborhood.json"
-        if d.name == NUCLEUS or not record.is_file() or read_json(record).get("merged_from"):
-            continue
-        nb = nucleate_stage.load_neighborhood(ws, d.name)
-        if nb is not None:
-            members.append(nb)
+    members = [nucleate_stage.load_neighborhood(ws, e.id) for e in adapters_stage.scan(ws) if e.explored]
+    members = [nb for nb in members if nb is not None]
     if len(members) < 2:
-        raise UserError(f"train --joint: '{root}' holds {len(members)} neighbourhood adapter(s); joint training "
-                        f"needs at least 2. Train some with `nucleus explore --run-dir {ws.root}` or "
-                        f"`nucleus train --run-dir {ws.root} -n topic-N`.")
+        raise UserError(f"train --joint: '{ws.root / 'adapters'}' holds {len(members)} neighbourhood adapter(s); "
+                        f"joint training needs at least 2. Train some with `nucleus explore --run-dir {ws.root}` "
+                        f"or `nucleus train --run-dir {ws.root} -n topic-N`.")
     return members
 
 
