@@ -22,17 +22,21 @@ import threading
 import uuid
 from pathlib import Path
 
+import kombu
 import kombu.transport
 from celery import Celery
 from celery.backends.filesystem import FilesystemBackend
 from kombu.transport import filesystem as kombu_fs
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
 from kombu.utils.encoding import str_to_bytes
+from kombu.utils.functional import retry_over_time
+from kombu.utils.json import dumps
+from kombu.utils.url import maybe_sanitize_url, url_to_parts
 
-from pipeline.atomic import TMP_PREFIX
+from pipeline.atomic import tmp_name
 from pipeline.config import NucleusConfig
+from pipeline.errors import UserError
 from pipeline.workspace import Workspace
 
 # Job kinds -> (Celery task name, queue). Expansions and embeddings are retrieval work (CPU or
@@ -71,24 +75,29 @@ def is_embedded(cfg: NucleusConfig) -> bool:
     return not cfg.jobs.broker_url
 
 
+def _broker(cfg: NucleusConfig, ws: Workspace) -> tuple[str, dict]:
+    """The broker URL and transport options of the run (no folder is made here)."""
+    j, qdir = cfg.jobs, queue_dir(ws)
+    if is_embedded(cfg):
+        return f"{EMBEDDED_SCHEME}://localhost/", {
+            "data_folder_in": str(qdir / "messages"), "data_folder_out": str(qdir / "messages"),
+            "store_processed": True, "processed_folder": str(qdir / "processed"),
+            "control_folder": str(qdir / "control"), "polling_interval": j.poll_s}
+    broker, options = j.broker_url, {"visibility_timeout": j.time_limit_s + VISIBILITY_MARGIN_S}
+    if broker.startswith(("redis://", "rediss://")):
+        broker = "nucleus" + broker  # the Redis transport below, same URL
+        options.update(global_keyprefix=f"{queue_prefix(cfg, ws)}:", socket_timeout=10, socket_connect_timeout=5)
+    return broker, options
+
+
 def make_app(cfg: NucleusConfig, ws: Workspace) -> Celery:
     """A Celery app for this run: the same settings in the orchestrator and in every worker."""
     j = cfg.jobs
     qdir = queue_dir(ws)
     if is_embedded(cfg):
-        broker = f"{EMBEDDED_SCHEME}://localhost/"
         for sub in ("messages", "processed", "control"):
             (qdir / sub).mkdir(parents=True, exist_ok=True)
-        transport_options = {"data_folder_in": str(qdir / "messages"), "data_folder_out": str(qdir / "messages"),
-                             "store_processed": True, "processed_folder": str(qdir / "processed"),
-                             "control_folder": str(qdir / "control"), "polling_interval": j.poll_s}
-    else:
-        broker = j.broker_url
-        transport_options = {"visibility_timeout": j.time_limit_s + VISIBILITY_MARGIN_S}
-        if broker.startswith(("redis://", "rediss://")):
-            broker = "nucleus" + broker  # the Redis transport below, same URL
-            transport_options.update(global_keyprefix=f"{queue_prefix(cfg, ws)}:", socket_timeout=10,
-                                     socket_connect_timeout=5)
+    broker, transport_options = _broker(cfg, ws)
     if j.result_backend and not j.result_backend.startswith("file://"):
         backend = j.result_backend
     else:
@@ -103,6 +112,8 @@ def make_app(cfg: NucleusConfig, ws: Workspace) -> Celery:
         task_time_limit=j.time_limit_s, task_soft_time_limit=max(1, j.time_limit_s - 30),
         task_track_started=False,  # the task writes its own STARTED state, with heartbeats
         worker_pool_start_method="spawn",  # a prefork pool must not fork a process that holds CUDA
+        # Reconnect for ever once running (a restarted broker loses no work); an unreachable broker
+        # at the start is caught by `check_services` first, within jobs.connect_timeout_s.
         broker_transport_options=transport_options, broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None, broker_connection_timeout=5,
         worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -114,12 +125,56 @@ def make_app(cfg: NucleusConfig, ws: Workspace) -> Celery:
     return app
 
 
+def check_services(cfg: NucleusConfig, ws: Workspace) -> None:
+    """Reach the broker and the result backend, if they are servers, within
+    `jobs.connect_timeout_s` seconds, or raise a UserError naming the field and the URL.
+
+    Celery retries an unreachable broker for ever (the right thing mid-run, when a broker
+    restarts: see `make_app`), so a command checks once, before it starts any work."""
+    j, t = cfg.jobs, cfg.jobs.connect_timeout_s
+    # Each attempt is bounded by the socket timeouts (a host that accepts TCP and never answers
+    # too); refused attempts are retried for t seconds in all, so a broker still starting is fine.
+    retry = {"timeout": t, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.5}
+    if j.broker_url:
+        # The app's own transport and options (the Redis key prefix, TLS), shorter timeouts; a
+        # bare connection, so that a check makes no folder in the run directory.
+        url, options = _broker(cfg, ws)
+        conn = kombu.Connection(url, connect_timeout=t,
+                                transport_options={**options, "socket_connect_timeout": t, "socket_timeout": t})
+        try:
+            with conn:
+                conn.ensure_connection(max_retries=None, **retry)
+        except Exception as e:
+            raise _unreachable("jobs.broker_url", "the broker", j.broker_url, t, e) from None
+    if j.result_backend.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(j.result_backend, socket_connect_timeout=t, socket_timeout=t)
+        try:
+            retry_over_time(client.ping, (redis.ConnectionError, redis.TimeoutError), **retry)
+        except Exception as e:
+            raise _unreachable("jobs.result_backend", "the result backend", j.result_backend, t, e) from None
+        finally:
+            client.close()
+
+
+def _unreachable(field: str, what: str, url: str, t: float, e: Exception) -> UserError:
+    reason = f"{type(e).__name__}: {str(e).rstrip('.')}"
+    password = url_to_parts(url).password
+    if password:  # never echo a password, even one a driver put in its error
+        reason = reason.replace(password, "**")
+    hint = ("leave jobs.broker_url empty for the embedded transport" if field == "jobs.broker_url"
+            else "leave jobs.result_backend empty for result files in the run directory")
+    return UserError(f"{field}: cannot reach {what} at '{maybe_sanitize_url(url)}' within {t:g} s ({reason}). "
+                     f"Start it, fix the URL, or {hint}.")
+
+
 # ------------------------------------------------------------------ atomic file storage
 
 
 def _tmp(path: bytes) -> bytes:
     head, _, name = path.rpartition(b"/")
-    return b"/".join((head, TMP_PREFIX.encode() + name + f".{os.getpid()}.{threading.get_ident()}".encode()))
+    return b"/".join((head, tmp_name(f"{threading.get_ident()}.").encode() + name))
 
 
 class AtomicFileBackend(FilesystemBackend):
@@ -140,7 +195,7 @@ class _AtomicFilesystemChannel(kombu_fs.Channel):
 
     def _put(self, queue, payload, **kwargs):
         name = f"{int(round(kombu_fs.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
-        tmp = os.path.join(self.data_folder_out, f"{TMP_PREFIX}{uuid.uuid4()}")
+        tmp = os.path.join(self.data_folder_out, tmp_name(str(uuid.uuid4())))
         try:
             with open(tmp, "wb") as f:
                 f.write(str_to_bytes(dumps(payload)))

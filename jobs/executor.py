@@ -35,15 +35,21 @@ from pipeline.workspace import Workspace
 log = logging.getLogger("nucleus.jobs")
 
 
+def check_options(cfg: NucleusConfig, workers: int = 0) -> None:
+    """`--workers` against `jobs.mode`, before anything is written (the broker itself is reached
+    when the executor opens)."""
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}.")
+    if cfg.jobs.mode == "inline" and workers:
+        raise UserError(f"--workers {workers} needs Celery, but jobs.mode is 'inline'. Drop --workers or set "
+                        f"jobs.mode to auto.")
+
+
 def open_executor(cfg: NucleusConfig, ws: Workspace, workers: int = 0):
     """The executor the config asks for (see `jobs.mode`); `workers` local workers are started
     for a Celery executor and stopped by its `close()`."""
-    if workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}.")
+    check_options(cfg, workers)
     mode = cfg.jobs.mode
-    if mode == "inline" and workers:
-        raise UserError(f"--workers {workers} needs Celery, but jobs.mode is 'inline'. Drop --workers or set "
-                        f"jobs.mode to auto.")
     if mode == "celery" or (mode == "auto" and (workers or cfg.jobs.broker_url)):
         return CeleryExecutor(cfg, ws, workers)
     return InlineExecutor(cfg, ws)
@@ -99,8 +105,9 @@ class CeleryExecutor:
 
     def __init__(self, cfg: NucleusConfig, ws: Workspace, workers: int = 0):
         from jobs.app import KINDS as TASKS
-        from jobs.app import make_app, queue_name
+        from jobs.app import check_services, make_app, queue_name
 
+        check_services(cfg, ws)  # before any job is sent or local worker started
         self.cfg, self.ws = cfg, ws
         self.app = make_app(cfg, ws)
         self.tasks = {kind: (name, queue_name(cfg, ws, queue)) for kind, (name, queue) in TASKS.items()}

@@ -71,6 +71,9 @@ def run(cfg: NucleusConfig, ws: Workspace, queues: str | None = None, concurrenc
         raise UserError(f"--run-dir '{ws.root}' is not a Nucleus run directory (no meta.json). Workers serve an "
                         f"existing run: start with `nucleus index --run-dir {ws.root}`.")
     p = plan(cfg, queues, concurrency, gpus)
+    from jobs.app import check_services
+
+    check_services(cfg, ws)  # exit 2 naming the URL, not Celery retrying a dead broker for ever
     if len(p.processes) == 1:
         os.environ.update(p.processes[0])
         return _serve(cfg, ws, p.queues, config_file, tuple(sets or ()))

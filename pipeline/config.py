@@ -309,6 +309,8 @@ class JobsConfig(Section):
     """Solo worker processes a `nucleus worker` without `--gpus` starts (one job each at a time)."""
     poll_s: float = Field(default=0.5, gt=0)
     """Seconds between the orchestrator's looks at job states, and between the embedded transport's polls."""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds to reach the broker and result backend before a command gives up with exit 2 naming the URL."""
 
     @field_validator("broker_url")
     @classmethod
