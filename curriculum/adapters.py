@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from curriculum.tethers import LoraFactors, read_lora
-from pipeline.errors import UserError
+from pipeline.errors import UserError, reading
 from pipeline.lm_data import pad_batch
 
 
@@ -140,10 +140,12 @@ class AdapterSet:
             self.check(target_id)
             from peft import PeftModel
 
-            if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=target_id, is_trainable=False)
-            else:
-                self.model.load_adapter(str(path), adapter_name=target_id, is_trainable=False)
+            with reading(path, "peft adapter"):
+                if self.model is None:
+                    self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=target_id,
+                                                           is_trainable=False)
+                else:
+                    self.model.load_adapter(str(path), adapter_name=target_id, is_trainable=False)
             self.model.to(self.device).eval()
             self.loads += 1
             self.resident[target_id] = None

@@ -11,6 +11,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from pipeline.errors import reading
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS proposals (
     round INTEGER NOT NULL,
@@ -53,7 +55,7 @@ class SQLiteFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with reading(self.path, "SQLite ledger"), self._connect() as db:
             db.executescript(self.schema)
 
     def _connect(self) -> sqlite3.Connection:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.errors import UserError, unknown_choice
+from pipeline.errors import UserError, reading, unknown_choice
 
 if TYPE_CHECKING:
     import torch
@@ -280,7 +280,7 @@ def record_merge(ledger: Path, merge_id_: str, members: list[str], method: str, 
 def read_merges(ledger: Path) -> list[dict]:
     if not Path(ledger).is_file():
         return []
-    with sqlite3.connect(ledger, timeout=30) as db:  # reads only: no table made here
+    with reading(ledger, "SQLite ledger"), sqlite3.connect(ledger, timeout=30) as db:  # reads only
         db.row_factory = sqlite3.Row
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='merges'").fetchone():
             return []

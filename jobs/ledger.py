@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from curriculum.ledger import SQLiteFile
+from pipeline.errors import reading
 
 STATES = ("pending", "running", "done", "failed")
 
@@ -82,7 +83,7 @@ def summary(path: Path) -> dict:
     """What `nucleus jobs` shows: counts per state and every job with its attempts."""
     if not Path(path).is_file():
         return {"counts": {s: 0 for s in STATES}, "jobs": []}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+    with reading(path, "SQLite ledger"), sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
         db.row_factory = sqlite3.Row
         has = db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
         rows = [_decode(dict(r)) for r in db.execute("SELECT * FROM jobs ORDER BY created, rowid")] if has else []

@@ -20,6 +20,7 @@ import typer
 from jobs import ledger as job_ledger
 from jobs import worker as worker_service
 from jobs.executor import InlineExecutor, open_executor
+from jobs.executor import check_options as check_executor_options
 from pipeline import adapters as adapters_stage
 from pipeline import explore as explore_stage
 from pipeline import index as index_stage
@@ -30,8 +31,8 @@ from pipeline import run as run_stage
 from pipeline import train as train_stage
 from pipeline import train_joint
 from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
-from pipeline.errors import JobFailed, UserError
-from pipeline.workspace import Workspace
+from pipeline.errors import DamagedFile, JobFailed, UserError
+from pipeline.workspace import Workspace, rebuild_hint
 
 # Command name -> stage function `run(cfg, ws, ...) -> Result`. tests/pipeline/test_cli.py keeps
 # this table, the typer commands and the stage modules in sync.
@@ -77,8 +78,20 @@ def _guard() -> Iterator[None]:
     """Map exceptions to exit codes: UserError -> 2 with its message, anything else -> 1."""
     try:
         yield
+    except DamagedFile as e:
+        typer.echo(f"error: {e}{rebuild_hint(e.path)}", err=True)
+        raise typer.Exit(2) from None
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as e:
+        if e.filename is None:  # not about a file: a bug or a service, with its traceback below
+            _internal_error()
+        # The machine refused a file operation (permissions, a full disk, a path that is not a
+        # folder): bad input of the environment, not a bug.
+        target = f"'{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else "")
+        typer.echo(f"error: {target}: {e.strerror or e} (errno {e.errno}). Check that the path exists, is "
+                   f"readable and writable by this user, and that its disk has free space.", err=True)
         raise typer.Exit(2) from None
     except JobFailed as e:
         typer.echo(f"error: {e}", err=True)
@@ -89,10 +102,13 @@ def _guard() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception:
-        traceback.print_exc()
-        typer.echo("internal error (a bug in Nucleus): please report it with the traceback above.",
-                   err=True)
-        raise typer.Exit(1) from None
+        _internal_error()
+
+
+def _internal_error() -> None:
+    traceback.print_exc()
+    typer.echo("internal error (a bug in Nucleus): please report it with the traceback above.", err=True)
+    raise typer.Exit(1) from None
 
 
 def _resolve(ws: Workspace | None, config: Path | None, sets: list[str] | None) -> NucleusConfig:
@@ -101,18 +117,21 @@ def _resolve(ws: Workspace | None, config: Path | None, sets: list[str] | None) 
 
 
 @contextlib.contextmanager
-def _stage(command: str, run_dir: Path, config: Path | None, sets: list[str] | None,
-           force: bool) -> Iterator[tuple[NucleusConfig, Workspace]]:
-    """A command that writes to the run directory: resolve config, check staleness, log it."""
+def _stage(command: str, run_dir: Path, config: Path | None, sets: list[str] | None, force: bool,
+           check: Callable[[NucleusConfig, Workspace], None] | None = None,
+           ) -> Iterator[tuple[NucleusConfig, Workspace]]:
+    """A command that writes to the run directory. Everything that can be checked is checked
+    before anything is written: the directory is a run (or new), the config is valid and not
+    stale, and the stage's own `check` (paths, devices, the model's limits) passes. Then the
+    config is stored and the command logged; a rejection before the first artifact undoes that."""
     ws = Workspace(run_dir)
+    ws.check_run_dir()
     cfg = _resolve(ws, config, sets)
-    ws.begin_command(cfg, command, force)
-    try:
+    ws.check_stale(cfg, force)
+    if check is not None:
+        check(cfg, ws)
+    with ws.command(cfg, command, force):
         yield cfg, ws
-    except BaseException:
-        ws.end_command("failed")
-        raise
-    ws.end_command("ok")
 
 
 def _reader(command: str, run_dir: Path, config: Path | None,
@@ -157,7 +176,12 @@ def index(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, json_
             _, ws = _reader("index --topics", run_dir, config, set_)
             _emit(index_stage.list_topics(ws), json_, _topics_human)
             return
-        with _stage("index", run_dir, config, set_, force) as (cfg, ws), open_executor(cfg, ws, workers) as ex:
+        def check(cfg: NucleusConfig, ws: Workspace) -> None:
+            check_executor_options(cfg, workers)
+            index_stage.check(cfg, ws)
+
+        with _stage("index", run_dir, config, set_, force, check) as (cfg, ws), \
+                open_executor(cfg, ws, workers) as ex:
             # embedding shards go to workers only when there are workers; in process, index embeds itself
             result = STAGES["index"](cfg, ws, force=force, executor=None if isinstance(ex, InlineExecutor) else ex)
         _emit(result.to_json(), json_, _index_human)
@@ -178,7 +202,7 @@ def nucleate(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, js
              force: ForceOpt = False):
     """Choose the nucleus: map the seed knowledge graph to topics (or take central topics)."""
     with _guard():
-        with _stage("nucleate", run_dir, config, set_, force) as (cfg, ws):
+        with _stage("nucleate", run_dir, config, set_, force, nucleate_stage.check) as (cfg, ws):
             result = STAGES["nucleate"](cfg, ws, force=force)
         _emit(result.to_json(), json_, _nucleate_human)
 
@@ -214,18 +238,28 @@ def train(run_dir: RunDir,
           joint: Annotated[bool, typer.Option(
               "--joint", help="Retrain every neighbourhood adapter together: a shared adapter plus one expert each.")
           ] = False,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+          resume: Annotated[bool, typer.Option(
+              "--resume/--restart", help="An interrupted training continues from its checkpoint (default); "
+                                         "--restart discards the checkpoint and starts over.")] = True,
           config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False, force: ForceOpt = False):
     """Train the nucleus (the base), one neighbourhood as its own LoRA adapter, or (--joint) all
     neighbourhoods together."""
     with _guard():
         if joint and (neighborhood or topics):
             raise UserError("train: --joint trains every neighbourhood adapter of the run; drop -n/--topics.")
-        with _stage("train", run_dir, config, set_, force) as (cfg, ws):
+        nb_topics = _topic_list(topics)
+
+        def check(cfg: NucleusConfig, ws: Workspace) -> None:
+            if joint:
+                train_joint.check(cfg, ws)
+            else:
+                train_stage.check(cfg, ws, neighborhood, nb_topics, force, resume)
+
+        with _stage("train", run_dir, config, set_, force, check) as (cfg, ws):
             if joint:
                 result = train_joint.train_jointly(cfg, ws, resume=resume, force=force)
             else:
-                result = STAGES["train"](cfg, ws, neighborhood, _topic_list(topics), resume=resume, force=force)
+                result = STAGES["train"](cfg, ws, neighborhood, nb_topics, resume=resume, force=force)
         _emit(result.to_json(), json_, _joint_human if joint else _train_human)
 
 
@@ -258,7 +292,12 @@ def explore(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None, jso
             force: ForceOpt = False, workers: WorkersOpt = 0):
     """Explore: score the frontier, train the most promising neighbourhoods, learn from the progress."""
     with _guard():
-        with _stage("explore", run_dir, config, set_, force) as (cfg, ws), open_executor(cfg, ws, workers) as ex:
+        def check(cfg: NucleusConfig, ws: Workspace) -> None:
+            check_executor_options(cfg, workers)
+            explore_stage.check(cfg, ws)
+
+        with _stage("explore", run_dir, config, set_, force, check) as (cfg, ws), \
+                open_executor(cfg, ws, workers) as ex:
             result = STAGES["explore"](cfg, ws, ex)
         _emit(result.to_json(), json_, _explore_human)
 
@@ -285,7 +324,7 @@ def run_command(run_dir: RunDir, config: ConfigFile = None, set_: SetOpt = None,
                 force: ForceOpt = False):
     """The whole job: index, nucleate, train the nucleus, explore, report (resumes what is done)."""
     with _guard():
-        with _stage("run", run_dir, config, set_, force) as (cfg, ws):
+        with _stage("run", run_dir, config, set_, force, run_stage.check) as (cfg, ws):
             result = STAGES["run"](cfg, ws, force=force)
         _emit(result.to_json(), json_, _run_human)
 

@@ -15,7 +15,6 @@ trains only what is missing. Finished neighbourhoods are never trained again.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -30,7 +29,7 @@ from curriculum.neighborhood import NUCLEUS, Neighborhood
 from curriculum.nucleation import pagerank
 from curriculum.rabbit_holes import landed_topics, random_walk, walk_target
 from pipeline import nucleate as nucleate_stage
-from pipeline import rabbit_holes
+from pipeline import metrics_log, rabbit_holes
 from pipeline import train as train_stage
 from pipeline.atomic import atomic_write_json, read_json
 from pipeline.config import NucleusConfig
@@ -55,6 +54,13 @@ class ExploreResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def check(cfg: NucleusConfig, ws: Workspace) -> None:
+    """What `run` would reject before its first round: the stages it needs, the device and the
+    model's limits for the adapters it trains. Writes nothing."""
+    ws.require("nucleate", "explore")
+    train_stage.check_model(cfg, ws)
 
 
 def run(cfg: NucleusConfig, ws: Workspace, executor=None) -> ExploreResult:
@@ -96,9 +102,9 @@ def run(cfg: NucleusConfig, ws: Workspace, executor=None) -> ExploreResult:
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
     ws.mark_complete("explore", cfg, SECTIONS, {"rounds_done": state["rounds_done"], "spearman_rho": rho})
-    with open(ws.logs_dir / "metrics.jsonl", "a") as f:  # beside the training metrics, for reports
-        f.write(json.dumps({"nb": "explore", "time": now(), "rounds_done": state["rounds_done"],
-                            "curiosity/spearman_rho": rho, "curiosity/pairs": len(pairs)}) + "\n")
+    metrics_log.append(ws.logs_dir / "metrics.jsonl",  # beside the training metrics, for reports
+                       {"nb": "explore", "time": now(), "rounds_done": state["rounds_done"],
+                        "curiosity/spearman_rho": rho, "curiosity/pairs": len(pairs)})
     return ExploreResult(state["rounds_done"], done, rho, message)
 
 

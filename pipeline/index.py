@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import __version__
 from pipeline.config import NucleusConfig, section_hash
-from pipeline.errors import UserError
+from pipeline.errors import DamagedFile, UserError, reading
 from pipeline.atomic import atomic_path, atomic_write_json, read_json
 from pipeline.workspace import Workspace
 from retrieval import ann
@@ -58,6 +58,23 @@ class IndexResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def check(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
+    """What `run` would reject that can be seen before reading the corpus: its paths and formats,
+    the embedding model and device, the index kind. Writes nothing."""
+    from retrieval.corpus import detect_format, resolve_paths
+    from retrieval.embed import resolve_device
+
+    for path in resolve_paths(cfg.corpus.paths):
+        detect_format(path, cfg.corpus.format)
+    resolve_device(cfg.embed.device)
+    model_dir = Path(resolve_model_path(cfg.embed.model))
+    if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
+        raise UserError(f"embed.model: '{cfg.embed.model}' is not a local sentence-transformers model "
+                        f"directory (no modules.json or config.json in '{model_dir}'). Nothing is "
+                        f"downloaded at run time: give a local model directory, or 'default'.")
+    ann.choose_factory(1, cfg.index.factory, cfg.index.flat_max)
 
 
 def run(cfg: NucleusConfig, ws: Workspace, force: bool = False, executor=None) -> IndexResult:
@@ -106,7 +123,7 @@ def _step_done(marker: Path, cfg: NucleusConfig, step: str) -> bool:
         return False
     try:
         return read_json(marker).get("config_hash") == section_hash(cfg, STEP_SECTIONS[step])
-    except ValueError:  # unreadable marker: redo the step
+    except DamagedFile:  # unreadable marker: redo the step
         return False
 
 
@@ -136,7 +153,8 @@ def _write_corpus(cfg: NucleusConfig, ws: Workspace, n_docs: int, passages: list
 def _load_corpus(ws: Workspace):
     import datasets
 
-    return datasets.load_from_disk(str(ws.corpus_dir))
+    with reading(ws.corpus_dir, "datasets corpus"):
+        return datasets.load_from_disk(str(ws.corpus_dir))
 
 
 def _embed(cfg: NucleusConfig, ws: Workspace, corpus, embedder: Embedder, force: bool, executor=None) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, did_you_mean
 
 EOS, PAD = "<|endoftext|>", "<pad>"
 
@@ -42,14 +42,63 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
                                    unk_token=EOS, pad_token=PAD, model_max_length=1_000_000)
 
 
-def build_scratch_model(tokenizer, size: str, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _scratch_config(vocab_size: int, size: str, bos: int | None = None, eos: int | None = None,
+                    pad: int | None = None):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True, rope_theta=10_000.0, **PRESETS[size])
+    return LlamaConfig(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                       tie_word_embeddings=True, rope_theta=10_000.0, **PRESETS[size])
+
+
+def build_scratch_model(tokenizer, size: str, seed: int = 0) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    config = _scratch_config(len(tokenizer), size, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def model_skeleton(base: str, size: str, vocab_size: int, trust_remote_code: bool = False) -> nn.Module:
+    """The base model's architecture on the meta device (no weights, no tokenizer, no memory):
+    enough to check layer names and the context length before anything is trained or written.
+    `base` is `scratch` or a local Hugging Face model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    if base == "scratch":
+        with torch.device("meta"):
+            return LlamaForCausalLM(_scratch_config(vocab_size, size))
+    try:
+        config = AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError / ValueError: no config.json, unknown or non-causal model type
+        raise UserError(f"model.base: cannot load '{base}' offline as a Hugging Face causal LM "
+                        f"({type(e).__name__}: {_first_line(e)}). Give a local directory with "
+                        f"config.json and weights, or `scratch`.") from None
+
+
+def check_target_modules(model: nn.Module, targets: str | list[str]) -> None:
+    """Every name in `lora.target_modules` must match a layer LoRA can adapt (peft's rule: the
+    module's name, or its dotted suffix; a string is a regex over full names)."""
+    import re
+
+    from transformers.pytorch_utils import Conv1D
+
+    if targets == "all-linear":
+        return
+    kinds = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise UserError(f"lora.target_modules: the pattern '{targets}' matches no layer of the model. "
+                            f"Use all-linear or a list of layer names: {', '.join(leaves)}.")
+        return
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise UserError(f"lora.target_modules: '{t}' matches no layer of the model.{did_you_mean(t, leaves)} "
+                            f"Its layers: {', '.join(leaves)} (or all-linear).")
 
 
 def load_pretrained(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
@@ -98,12 +147,17 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, field: str = "train.device") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device: '{device}' asked for, but this machine has no CUDA device.")
-    return torch.device(device)
+        raise UserError(f"{field}: '{device}' asked for, but this machine has no CUDA device. "
+                        f"Use {field}: cpu (or auto).")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"{field}: '{device}' asked for, but this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    return dev
 
 
 def save_base(model: nn.Module, tokenizer, path: Path) -> None:

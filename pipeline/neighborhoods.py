@@ -18,7 +18,7 @@ from pipeline import nucleate as nucleate_stage
 from pipeline import train as train_stage
 from pipeline.atomic import atomic_write_json, read_json
 from pipeline.config import NucleusConfig, section_hash
-from pipeline.errors import UserError
+from pipeline.errors import UserError, reading
 from pipeline.workspace import Workspace
 
 # Config sections an expansion depends on (retrieval settings live in `explore`).
@@ -42,10 +42,14 @@ class ExpansionInputs:
     def load(cls, cfg: NucleusConfig, ws: Workspace) -> "ExpansionInputs":
         from pipeline.retrieve import open_retriever
 
-        table = pq.read_table(ws.topics_dir / "assignments.parquet", columns=["topic_id", "split"]).to_pydict()
+        with reading(ws.topics_dir / "assignments.parquet", "Parquet table"):
+            table = pq.read_table(ws.topics_dir / "assignments.parquet", columns=["topic_id", "split"]).to_pydict()
         topics = read_json(ws.topics_dir / "topics.json")["topics"]
-        return cls(np.asarray(table["topic_id"]), np.asarray(table["split"]) == "heldout",
-                   np.load(ws.index_dir / "embeddings.npy", mmap_mode="r"), np.load(ws.topics_dir / "centroids.npy"),
+        with reading(ws.index_dir / "embeddings.npy", "numpy array"):
+            vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
+        with reading(ws.topics_dir / "centroids.npy", "numpy array"):
+            centroids = np.load(ws.topics_dir / "centroids.npy")
+        return cls(np.asarray(table["topic_id"]), np.asarray(table["split"]) == "heldout", vectors, centroids,
                    {t["id"]: t["keywords"] for t in topics}, open_retriever(cfg, ws))
 
 
@@ -105,7 +109,8 @@ def evaluate_adapter(cfg: NucleusConfig, ws: Workspace, nb_id: str) -> dict:
         raise UserError(f"evaluate: the adapter '{adapter}' was trained with another config; train it again.")
     device = resolve_device(cfg.train.device)
     base, tok = load_pretrained(str(ws.root / "model" / "base"))
-    model = PeftModel.from_pretrained(base, str(adapter)).to(device)
+    with reading(adapter, "peft adapter"):
+        model = PeftModel.from_pretrained(base, str(adapter)).to(device)
     data = train_stage.RunData.load(ws)
     held = data.heldout_rows()
     eval_set = make_eval_set(tok, data.corpus, held, data.topic_of[held].tolist(), cfg.train.block_size)

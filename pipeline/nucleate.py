@@ -39,6 +39,16 @@ class NucleateResult:
         return asdict(self)
 
 
+def check(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
+    """The seed graph parses and is valid (and, given a run, its index is built). Writes nothing."""
+    from curriculum.seed_graph import load_seed_graph
+
+    if ws is not None:
+        ws.require("index", "nucleate")
+    if cfg.nucleate.seed_graph:
+        load_seed_graph(Path(cfg.nucleate.seed_graph))
+
+
 def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> NucleateResult:
     ws.require("index", "nucleate")
     if ws.is_complete("nucleate") and not force:

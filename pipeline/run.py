@@ -25,6 +25,13 @@ class RunResult:
         return asdict(self)
 
 
+def check(cfg: NucleusConfig, ws: Workspace) -> None:
+    """Every stage's checks that need no earlier stage's output, before anything is written."""
+    index.check(cfg, ws)
+    nucleate.check(cfg)
+    train.check_model(cfg, ws)
+
+
 def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> RunResult:
     indexed = index.run(cfg, ws, force=force)
     nucleated = nucleate.run(cfg, ws)

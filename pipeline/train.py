@@ -9,7 +9,6 @@ in stock peft format in `adapters/<nb-id>/`, with `neighborhood.json` beside the
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,15 +21,15 @@ import torch
 
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
-from pipeline import __version__
+from pipeline import __version__, metrics_log
 from pipeline import nucleate as nucleate_stage
 from pipeline.config import NucleusConfig, section_hash
-from pipeline.errors import UserError, did_you_mean
+from pipeline.errors import UserError, did_you_mean, reading
 from pipeline.evaluate import evaluate
 from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts, tokenize
-from pipeline.model import (build_scratch_model, context_length, count_parameters, load_pretrained,
-                            resolve_device, save_base, train_tokenizer)
-from pipeline.trainer import FitSettings, fit
+from pipeline.model import (build_scratch_model, check_target_modules, context_length, count_parameters,
+                            load_pretrained, model_skeleton, resolve_device, save_base, train_tokenizer)
+from pipeline.trainer import FitSettings, checkpoint_step, fit
 from pipeline.atomic import atomic_path, atomic_write_json, read_json
 from pipeline.workspace import Workspace, now
 
@@ -75,8 +74,11 @@ class RunData:
 
     @classmethod
     def load(cls, ws: Workspace) -> "RunData":
-        table = pq.read_table(ws.topics_dir / "assignments.parquet").to_pydict()
-        return cls(datasets.load_from_disk(str(ws.corpus_dir)), np.asarray(table["topic_id"]),
+        with reading(ws.topics_dir / "assignments.parquet", "Parquet table"):
+            table = pq.read_table(ws.topics_dir / "assignments.parquet").to_pydict()
+        with reading(ws.corpus_dir, "datasets corpus"):
+            corpus = datasets.load_from_disk(str(ws.corpus_dir))
+        return cls(corpus, np.asarray(table["topic_id"]),
                    np.asarray(table["split"]) == "heldout")
 
     def train_rows(self, topics: list[int], passages: list[int] = ()) -> list[int]:
@@ -90,8 +92,43 @@ class RunData:
         return np.flatnonzero(self.heldout).tolist()
 
 
+def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topics: list[int] | None = None,
+          force: bool = False, resume: bool = True) -> None:
+    """Everything `run` would reject, found before anything is written: the stages it needs, the
+    neighbourhood (and the nucleus every training reads), the checkpoint it would resume, the
+    device, and the model's limits (context length, LoRA target layers)."""
+    ws.require("nucleate", "train")
+    nb = resolve_neighborhood(ws, neighborhood or NUCLEUS, topics, force, save=False)
+    if nucleate_stage.load_neighborhood(ws, NUCLEUS) is None:
+        raise UserError(f"train: '{ws.root / 'neighborhoods' / 'nucleus.json'}' is missing. Rebuild it with "
+                        f"`nucleus nucleate --run-dir {ws.root} --force`.")
+    if resume and not force:
+        checkpoint_step(ws.root / "checkpoints" / nb.id)  # a damaged one is named now, not after setup
+    check_model(cfg, ws)
+
+
+def check_model(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
+    """The device and the model's limits, checked on the base's architecture alone (meta device,
+    no weights): what would otherwise fail only after minutes of training."""
+    resolve_device(cfg.train.device)
+    base_dir = ws.root / "model" / "base" if ws is not None else None
+    if base_dir is not None and (base_dir / "config.json").is_file():
+        model = model_skeleton(str(base_dir), cfg.model.size, cfg.model.vocab_size)
+    else:
+        model = model_skeleton(cfg.model.base, cfg.model.size, cfg.model.vocab_size, cfg.model.trust_remote_code)
+    limit = context_length(model)
+    if cfg.train.block_size > limit:
+        raise UserError(f"train.block_size: {cfg.train.block_size} is above the model's context length "
+                        f"({limit}). Set train.block_size <= {limit}.")
+    check_target_modules(model, cfg.lora.target_modules)
+    if cfg.train.tensorboard:
+        _tensorboard_writer()
+
+
 def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topics: list[int] | None = None,
-        resume: bool = False, force: bool = False) -> TrainResult:
+        resume: bool = True, force: bool = False) -> TrainResult:
+    """Train (or skip, when done with this config) one neighbourhood. An interrupted training
+    resumes from its checkpoint unless `resume` is False or `force` redoes it."""
     ws.require("nucleate", "train")
     nb = resolve_neighborhood(ws, neighborhood or NUCLEUS, topics, force)
     if nb.id != NUCLEUS and not ws.is_complete("train"):
@@ -105,7 +142,7 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     device = resolve_device(cfg.train.device)
     model, tokenizer, kind = _setup_model(cfg, ws, nb, data, device)
     blocks, replay, eval_set = _setup_data(cfg, ws, nb, data, tokenizer)
-    result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, eval_set, device, kind, resume)
+    result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, eval_set, device, kind, resume and not force)
     _save(cfg, ws, nb, model, tokenizer, kind, result)
     return result
 
@@ -113,8 +150,10 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
 # ----------------------------------------------------------------------- neighbourhoods
 
 
-def resolve_neighborhood(ws: Workspace, nb_id: str, topics: list[int] | None, force: bool) -> Neighborhood:
-    """An existing neighbourhood, a new one from `--topics`, or the implicit `topic-N`."""
+def resolve_neighborhood(ws: Workspace, nb_id: str, topics: list[int] | None, force: bool,
+                         save: bool = True) -> Neighborhood:
+    """An existing neighbourhood, a new one from `--topics`, or the implicit `topic-N` (saved in
+    `neighborhoods/` unless `save` is False: a check writes nothing)."""
     check_nb_id(nb_id)
     n_topics = len(read_json(ws.topics_dir / "topics.json")["topics"])
     for t in topics or []:
@@ -128,14 +167,16 @@ def resolve_neighborhood(ws: Workspace, nb_id: str, topics: list[int] | None, fo
         if nb_id == NUCLEUS:
             raise UserError("train: the nucleus is chosen by `nucleus nucleate`, not by --topics.")
         nb = Neighborhood(nb_id, sorted(set(topics)), parent=NUCLEUS, source="user")
-        nucleate_stage.save_neighborhood(ws, nb)
+        if save:
+            nucleate_stage.save_neighborhood(ws, nb)
         return nb
     if existing is not None:
         return existing
     match = TOPIC_ID.match(nb_id)
     if match and int(match.group(1)) < n_topics:
         nb = Neighborhood(nb_id, [int(match.group(1))], parent=NUCLEUS, source="topic")
-        nucleate_stage.save_neighborhood(ws, nb)
+        if save:
+            nucleate_stage.save_neighborhood(ws, nb)
         return nb
     known = sorted(p.stem for p in (ws.root / "neighborhoods").glob("*.json"))
     raise UserError(f"train: unknown neighbourhood '{nb_id}'.{did_you_mean(nb_id, known)} Known: "
@@ -236,12 +277,10 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
                                          cfg.seed + seed_offset))
 
     metrics_file = ws.logs_dir / "metrics.jsonl"
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
     board = _tensorboard(ws, nb.id) if t.tensorboard else None
 
     def log_metrics(row: dict) -> None:
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps({"nb": nb.id, "time": now(), **row}) + "\n")
+        metrics_log.append(metrics_file, {"nb": nb.id, "time": now(), **row})
         if board is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -250,12 +289,22 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
 
     steps = t.nucleus_steps if kind == "full" else cfg.lora.steps
     settings = fit_settings(cfg, steps, t.lr if kind == "full" else cfg.lora.lr, device, replay is not None)
+    checkpoints = ws.root / "checkpoints" / nb.id
+    tag = section_hash(cfg, stage_sections(cfg, nb.id))  # a checkpoint resumes only the same training
+    start = checkpoint_step(checkpoints, tag) if resume else None
+    if start is not None:
+        log.info("train %s: resuming from the checkpoint at step %d of %d (--restart starts over)", nb.id, start, steps)
+    elif (checkpoints / "latest").is_dir():
+        log.info("train %s: starting over; the checkpoint in %s is %s", nb.id, checkpoints,
+                 "discarded (--restart or --force)" if not resume else "of another config, discarded")
+    metrics_log.drop_after(metrics_file, nb.id, start if start is not None else -1)  # no row twice
     before = evaluate_fn(model)
-    log_metrics({"step": 0, "tokens": 0, **before})
+    if start is None:
+        log_metrics({"step": 0, "tokens": 0, **before})
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, sampler_for(blocks, 0), settings, device, evaluate=evaluate_fn,
                  replay=replay, make_replay_sampler=sampler_for(replay, 1) if replay is not None else None,
-                 checkpoint_dir=ws.root / "checkpoints" / nb.id, resume=resume, log=log_metrics,
+                 checkpoint_dir=checkpoints, resume=start is not None, checkpoint_tag=tag, log=log_metrics,
                  desc=f"train {nb.id}")
     return TrainResult(neighborhood=nb.id, kind=kind, output="", steps=fitted.steps, tokens=fitted.tokens,
                        seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
@@ -278,13 +327,17 @@ def fit_settings(cfg: NucleusConfig, steps: int, lr: float, device: torch.device
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device))
 
 
-def _tensorboard(ws: Workspace, nb_id: str):
+def _tensorboard_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("train.tensorboard: true needs the tensorboard package (pip install tensorboard); "
                         "metrics are always in logs/metrics.jsonl.") from None
-    return SummaryWriter(str(ws.logs_dir / "tb" / nb_id))
+    return SummaryWriter
+
+
+def _tensorboard(ws: Workspace, nb_id: str):
+    return _tensorboard_writer()(str(ws.logs_dir / "tb" / nb_id))
 
 
 # ------------------------------------------------------------------------------- save

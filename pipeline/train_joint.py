@@ -12,8 +12,9 @@ Each member's `adapters/<id>/` is then replaced by its export: one stock peft ad
 `lora.shared_rank + lora.rank` (the shared adapter and its expert, exact), with
 `neighborhood.json` recording the joint training. Everything else (`adapters list|route|score|
 eval|compat|merge`, plain peft) uses them as before. A kill during training leaves
-`checkpoints/_joint/` for `--resume`; the adapters are replaced only after training, each
-atomically, and a re-run with the same members and config does nothing.
+`checkpoints/_joint/`, which the same command resumes (`--restart` starts over); the adapters are
+replaced only after training, each atomically, and a re-run with the same members and config
+does nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
 from pipeline.model import load_pretrained, resolve_device
-from pipeline.train import SECTIONS, RunData, TrainResult, adapter_dir, autocast_dtype, fit_settings
+from pipeline.train import SECTIONS, RunData, TrainResult, adapter_dir, autocast_dtype, check_model, fit_settings
 from pipeline.trainer import fit
 from pipeline.workspace import Workspace, now
 
@@ -62,7 +63,14 @@ class JointResult:
         return asdict(self)
 
 
-def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = False, force: bool = False) -> JointResult:
+def check(cfg: NucleusConfig, ws: Workspace) -> None:
+    """What `train_jointly` would reject, before anything is written."""
+    ws.require("train", "train --joint")
+    _members(ws)
+    check_model(cfg, ws)
+
+
+def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = True, force: bool = False) -> JointResult:
     ws.require("train", "train --joint")
     members = _members(ws)
     config_hash = section_hash(cfg, SECTIONS)
@@ -86,7 +94,8 @@ def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = False, force
     settings = fit_settings(cfg, cfg.lora.steps * len(members), cfg.lora.lr, device, replay=False)
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, lambda: GroupBatches(blocks.topics, cfg.train.batch_size, seed=cfg.seed), settings,
-                 device, checkpoint_dir=ws.root / "checkpoints" / CHECKPOINT, resume=resume,
+                 device, checkpoint_dir=ws.root / "checkpoints" / CHECKPOINT, resume=resume and not force,
+                 checkpoint_tag=f"{config_hash}:{','.join(nb.id for nb in members)}",
                  on_batch=lambda idx: activate(model, experts[int(blocks.topics[idx[0]])]), desc="train --joint")
 
     result = JointResult([nb.id for nb in members], cfg.lora.shared_rank, cfg.lora.rank, fitted.steps,

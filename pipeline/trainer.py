@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_path, read_json, restore_aside
+from pipeline.errors import reading
 from pipeline.lm_data import Blocks
-from pipeline.atomic import atomic_path
 
 log_fn = Callable[[dict], None]
 
@@ -82,14 +83,28 @@ def sparsify_gradients(params: list[nn.Parameter], keep: float) -> None:
         p.grad.mul_(p.grad.abs() >= threshold)
 
 
+def checkpoint_step(directory: Path, tag: str | None = None) -> int | None:
+    """The step of the resumable checkpoint in `directory`, or None when there is none (or, given
+    a `tag`, none made by a training with that tag: another config's checkpoint never resumes)."""
+    restore_aside(directory / "latest")  # a kill between the renames of a checkpoint save
+    state = directory / "latest" / "state.json"
+    if not state.is_file():
+        return None
+    counters = read_json(state)
+    if tag is not None and counters.get("tag") not in (None, tag):
+        return None
+    return int(counters["step"])
+
+
 class _Checkpoint:
     """`<dir>/latest/`: trainable weights (safetensors), optimizer/scheduler/RNG state, counters."""
 
-    def __init__(self, directory: Path | None):
+    def __init__(self, directory: Path | None, tag: str | None = None):
         self.dir = directory
+        self.tag = tag
 
     def exists(self) -> bool:
-        return self.dir is not None and (self.dir / "latest" / "state.json").is_file()
+        return self.dir is not None and checkpoint_step(self.dir, self.tag) is not None
 
     def save(self, model: nn.Module, trained: set[str], opt, sched, step: int, tokens: int,
              sampler_state: dict | None = None) -> None:
@@ -101,21 +116,23 @@ class _Checkpoint:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "sampler": sampler_state}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "sampler": sampler_state,
+                                                        "tag": self.tag}))
 
     def load(self, model: nn.Module, opt, sched) -> tuple[int, int, dict | None]:
         latest = self.dir / "latest"
-        weights = load_file(str(latest / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value.to(params[name].device))
-        # weights_only: the file holds tensors and plain containers, never arbitrary objects.
-        state = torch.load(latest / "optim.pt", weights_only=True, map_location="cpu")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        counters = json.loads((latest / "state.json").read_text())
+        with reading(latest, "training checkpoint"):
+            weights = load_file(str(latest / "trainable.safetensors"))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value.to(params[name].device))
+            # weights_only: the file holds tensors and plain containers, never arbitrary objects.
+            state = torch.load(latest / "optim.pt", weights_only=True, map_location="cpu")
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        counters = read_json(latest / "state.json")
         return int(counters["step"]), int(counters["tokens"]), counters.get("sampler")
 
 
@@ -140,10 +157,13 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         settings: FitSettings, device: torch.device, *,
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         replay: Blocks | None = None, make_replay_sampler: Callable[[], Iterator[np.ndarray]] | None = None,
-        checkpoint_dir: Path | None = None, resume: bool = False, log: log_fn | None = None,
-        on_batch: Callable[[np.ndarray], None] | None = None, desc: str = "train") -> FitResult:
+        checkpoint_dir: Path | None = None, resume: bool = False, checkpoint_tag: str | None = None,
+        log: log_fn | None = None, on_batch: Callable[[np.ndarray], None] | None = None,
+        desc: str = "train") -> FitResult:
     """Train `model`'s trainable parameters for `settings.steps` optimizer steps.
 
+    With `resume`, a checkpoint in `checkpoint_dir` saved under the same `checkpoint_tag` (the
+    caller's config hash) is continued; any other is ignored and later overwritten.
     `on_batch(block_indices)` runs before each micro-batch's forward pass (joint adapter
     training switches the active expert there)."""
     s = settings
@@ -158,7 +178,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_lambda(step, s.warmup_steps, s.steps, s.min_lr_ratio))
-    ckpt = _Checkpoint(checkpoint_dir)
+    ckpt = _Checkpoint(checkpoint_dir, checkpoint_tag)
     step, tokens, sampler_state = 0, 0, None
     if resume and ckpt.exists():
         step, tokens, sampler_state = ckpt.load(model, opt, sched)

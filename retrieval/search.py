@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.atomic import read_json
+from pipeline.errors import reading
 from retrieval import ann
 from retrieval.embed import Embedder
 
@@ -19,13 +20,16 @@ class Retriever:
     def __init__(self, index_dir: Path, topics_dir: Path, corpus_dir: Path, embedder: Embedder,
                  mmap: bool = True, nprobe: int | None = None, ef_search: int = 128):
         self.embedder = embedder
-        self.index = ann.load_index(index_dir / "faiss.index", mmap=mmap)
+        with reading(index_dir / "faiss.index", "FAISS index"):
+            self.index = ann.load_index(index_dir / "faiss.index", mmap=mmap)
         self.nprobe, self.ef_search = nprobe, ef_search
-        self.corpus = datasets.load_from_disk(str(corpus_dir))
-        table = pq.read_table(topics_dir / "assignments.parquet")
+        with reading(corpus_dir, "datasets corpus"):
+            self.corpus = datasets.load_from_disk(str(corpus_dir))
+        with reading(topics_dir / "assignments.parquet", "Parquet table"):
+            table = pq.read_table(topics_dir / "assignments.parquet")
         # passage_id == row number of corpus/ (checked when the index is built)
         self.topic_of = np.asarray(table.column("topic_id"), dtype=np.int64)
-        topics = json.loads((topics_dir / "topics.json").read_text())["topics"]
+        topics = read_json(topics_dir / "topics.json")["topics"]
         self.labels = {t["id"]: t["label"] for t in topics}
 
     def topic_passages(self, topic: int) -> np.ndarray:

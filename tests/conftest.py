@@ -83,13 +83,26 @@ def kill_at_checkpoint(args: list[str], state: Path, min_step: int, timeout: flo
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def step() -> int:  # the checkpoint directory is swapped by two renames: look again if caught between
+        for _ in range(100):
+            try:
+                return json.loads(state.read_text())["step"]
+            except (FileNotFoundError, ValueError):
+                if not state.parent.parent.is_dir():
+                    return -1
+                time.sleep(0.01)
+        return -1
+
     deadline = time.time() + timeout
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= min_step):
+    while time.time() < deadline and step() < min_step:
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    return json.loads(state.read_text())["step"]
+    from pipeline.atomic import restore_aside
+
+    restore_aside(state.parent)  # what the next command does first, if the kill fell between the renames
+    return step()
 
 
 # Tiny training settings: a 2-layer model, short blocks, a few dozen steps (seconds on CPU).

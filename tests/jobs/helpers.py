@@ -100,7 +100,7 @@ def assert_one_complete_adapter_each(run_dir: Path, nb_ids: list[str]) -> None:
         assert info["neighborhood"]["id"] == nb and info["result"]["steps"] > 0
         _assert_weights_load(run_dir / "adapters" / nb / "adapter_model.safetensors")
         assert not (run_dir / "checkpoints" / nb).exists(), nb  # no half-trained checkpoint left behind
-    assert not list(run_dir.rglob(".tmp-*"))
+    assert not list(run_dir.rglob(".nucleus-tmp-*"))
 
 
 def _assert_weights_load(path: Path) -> None:

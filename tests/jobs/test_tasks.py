@@ -74,7 +74,7 @@ def test_results_and_messages_appear_by_rename(tmp_path):
     assert len(msgs) == 1 and msgs[0].name.endswith(f".{queue_name(cfg, ws, 'expand')}.msg")
     body = json.loads(msgs[0].read_text())
     assert body["headers"]["id"] == "t2" and body["content-type"] == "application/json"
-    assert not list(ws.root.rglob(".tmp-*"))
+    assert not list(ws.root.rglob(".nucleus-tmp-*"))
 
 
 def test_config_rules_for_jobs():

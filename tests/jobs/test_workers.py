@@ -322,7 +322,7 @@ def test_a_job_over_the_time_limit_is_stopped_in_the_solo_worker(fs_workers):
         ws.save_config(stored)
     row = next(r for r in rows(run_dir, "jobs") if r["job_id"] == job)
     assert row["state"] == "failed" and row["attempts"] == 1
-    assert not (run_dir / "adapters" / "slow").exists() and not list(run_dir.rglob(".tmp-*"))
+    assert not (run_dir / "adapters" / "slow").exists() and not list(run_dir.rglob(".nucleus-tmp-*"))
     app = make_app(stored, ws)  # the worker that hit the limit still serves
     app.send_task("nucleus.ping", kwargs=make_args(stored, ws, "ping", n=3), task_id="after-limit",
                   queue=queue_name(stored, ws, "expand"))

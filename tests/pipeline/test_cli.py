@@ -60,7 +60,13 @@ def test_file_not_in_the_encoding_names_file_and_offset(tmp_path):
 def test_query_on_a_run_without_index(tmp_path):
     _bad(nucleus("retrieve", "--run-dir", str(tmp_path / "nothing"), "lobsters"), "not a Nucleus run directory")
     (tmp_path / "empty.txt").write_text("")
-    nucleus("index", "--run-dir", str(tmp_path / "r"), "--set", f"corpus.paths=[{tmp_path}/empty.txt]")
+    _bad(nucleus("index", "--run-dir", str(tmp_path / "r"), "--set", f"corpus.paths=[{tmp_path}/empty.txt]"),
+         "no document with text")
+    assert not (tmp_path / "r").exists()  # a rejected first command leaves no run behind
+    from pipeline.config import resolve_config
+    from pipeline.workspace import Workspace
+
+    Workspace(tmp_path / "r").begin_command(resolve_config(), "index", False)  # an index killed early
     _bad(nucleus("retrieve", "--run-dir", str(tmp_path / "r"), "lobsters"),
          "no finished `index` stage", "nucleus index --run-dir")
 

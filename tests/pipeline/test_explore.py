@@ -96,7 +96,7 @@ def test_kill_mid_round_then_resume_trains_nothing_twice(trained_run_copy):
     assert (trained_run_copy / "adapters" / first / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     adapters = sorted(p.name for p in (trained_run_copy / "adapters").iterdir())
     assert adapters == sorted(r["nb_id"] for r in rows)  # one complete adapter each, no partial dirs
-    assert not list(trained_run_copy.rglob(".tmp-*"))
+    assert not list(trained_run_copy.rglob(".nucleus-tmp-*"))
     nucleus_topics = json.loads((trained_run_copy / "neighborhoods" / "nucleus.json").read_text())["topics"]
     _check_rabbit_holes(trained_run_copy, nucleus_topics, rows)  # no probe replayed twice after the kill
 

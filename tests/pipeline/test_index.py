@@ -34,7 +34,7 @@ def test_artifacts_follow_the_run_directory_contract(small_run):
     assert np.load(small_run / "topics" / "centroids.npy").shape == (6, 384)
     meta = json.loads((small_run / "meta.json").read_text())
     assert meta["stages"]["index"]["status"] == "complete" and "torch" in meta["versions"]
-    assert not list(small_run.rglob(".tmp-*")) and not (small_run / "index" / "shards").exists()
+    assert not list(small_run.rglob(".nucleus-tmp-*")) and not (small_run / "index" / "shards").exists()
 
 
 def test_second_run_skips_everything(small_run_copy):

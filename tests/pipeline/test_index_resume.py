@@ -32,6 +32,6 @@ def test_kill_during_embedding_then_rerun_completes_and_answers(tmp_path):
     r = nucleus("index", "--run-dir", str(run_dir), *ARGS)
     assert r.returncode == 0, r.stderr
     assert "including shards already there" in r.stderr
-    assert not list(run_dir.rglob(".tmp-*"))
+    assert not list(run_dir.rglob(".nucleus-tmp-*"))
     r = nucleus("retrieve", "--run-dir", str(run_dir), "-k", "2", "--json", "football")
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 2
