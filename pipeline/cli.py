@@ -97,7 +97,7 @@ def _guard() -> Iterator[None]:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: run the same command again to resume.", err=True)
+        typer.echo("interrupted: run the same command again to resume (--restart or --force starts over).", err=True)
         raise typer.Exit(130) from None
     except typer.Exit:
         raise

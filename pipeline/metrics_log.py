@@ -28,6 +28,19 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def read(path: Path) -> list[dict]:
+    """Every row of the log; a line cut short by a kill (not JSON) is skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def append(path: Path, row: dict) -> None:
     with _locked(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")

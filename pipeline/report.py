@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from curriculum.curiosity import spearman
 from curriculum.ledger import Ledger
 from curriculum.neighborhood import NUCLEUS
+from pipeline import metrics_log
 from pipeline import nucleate as nucleate_stage
 from pipeline.atomic import atomic_path, atomic_write_text, read_json
 from pipeline.config import NucleusConfig
@@ -111,8 +111,7 @@ def _adapters_plot(ws: Workspace, out: Path) -> str | None:
     if not path.is_file():
         return None
     curves: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in metrics_log.read(path):
         key = f"nb/{row.get('nb')}/ppl"
         if row.get("nb") not in (None, NUCLEUS) and key in row and (ws.root / "adapters" / row["nb"]).is_dir():
             curves.setdefault(row["nb"], {})[row["tokens"]] = row[key]  # the latest run wins per token count
@@ -148,8 +147,7 @@ def _curves_plot(ws: Workspace, out: Path) -> str | None:
     if not path.is_file():
         return None
     curves: dict[str, list[tuple[int, float]]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in metrics_log.read(path):
         if "heldout/ppl" in row:
             curves.setdefault(row["nb"], []).append((row["tokens"], row["heldout/ppl"]))
     if not curves:

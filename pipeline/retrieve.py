@@ -33,7 +33,7 @@ def run(cfg: NucleusConfig, ws: Workspace, query: str, k: int | None = None,
         topic: int | None = None) -> RetrieveResult:
     if not query.strip():
         raise UserError("retrieve: the query is empty; give the text to search for.")
-    k = k or cfg.retrieve.k
+    k = cfg.retrieve.k if k is None else k
     if k < 1:
         raise UserError(f"retrieve: -k must be >= 1, got {k}.")
     ws.require("index", "retrieve")

@@ -161,11 +161,11 @@ def resolve_neighborhood(ws: Workspace, nb_id: str, topics: list[int] | None, fo
             raise UserError(f"train: --topics must be topic ids in [0, {n_topics - 1}], got {t}.")
     existing = nucleate_stage.load_neighborhood(ws, nb_id)
     if topics:
+        if nb_id == NUCLEUS:
+            raise UserError("train: the nucleus is chosen by `nucleus nucleate`, not by --topics.")
         if existing is not None and sorted(existing.topics) != sorted(topics) and not force:
             raise UserError(f"train: neighbourhood '{nb_id}' already exists with topics {existing.topics}; "
                             f"use another id, or --force to redefine it.")
-        if nb_id == NUCLEUS:
-            raise UserError("train: the nucleus is chosen by `nucleus nucleate`, not by --topics.")
         nb = Neighborhood(nb_id, sorted(set(topics)), parent=NUCLEUS, source="user")
         if save:
             nucleate_stage.save_neighborhood(ws, nb)
