@@ -16,8 +16,9 @@ Library code: plain arguments, no config objects; imports no pydantic, faiss or 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,14 @@ class AdapterSet:
         if path is None and target_id not in self.pinned and self.model is not None:
             return self.model.disable_adapter()
         return nullcontext()
+
+    @contextlib.contextmanager
+    def using(self, target_id: str) -> Iterator[nn.Module]:
+        """The model with a target's adapter active (or the bare base), for evaluators that run
+        the model themselves."""
+        model = self._activate(target_id)
+        with self._context(target_id):
+            yield model
 
     def add_merged(self, new_id: str, members: list[str], weights: list[float], method: str,
                    density: float = 0.5, centroid: np.ndarray | None = None) -> None:

@@ -32,10 +32,11 @@ from curriculum.adapters import AdapterSet, Target
 from curriculum.neighborhood import NUCLEUS, check_nb_id
 from curriculum.tethers import (add_merged_adapter, compat_matrix, merge_groups, merge_id, read_adapter_config,
                                 read_lora, read_merges, record_merge)
-from pipeline import __version__
+from pipeline import __version__, question_set
 from pipeline import nucleate as nucleate_stage
 from pipeline.atomic import TMP_PREFIX, atomic_path, atomic_write_json, read_json, remove_path
 from pipeline.config import NucleusConfig, section_hash
+from pipeline.evaluate import question_accuracy, tokenize_questions
 from pipeline.errors import UserError, unknown_choice
 from pipeline.lm_data import passage_texts
 from pipeline.model import load_pretrained, resolve_device
@@ -339,8 +340,31 @@ def evaluate(cfg: NucleusConfig, ws: Workspace, entries: list[Entry], aset: Adap
     result["merge_method"] = a.merge_method
     result["specialisation"] = {"adapters": ["base" if n == BASE else n for n in names], "neighborhoods": cols,
                                 "ppl": [[round(metrics[f"spec/{n}/{nb}/ppl"], 4) for nb in cols] for n in names]}
+    if question_set.has_questions(ws):
+        result.update(_question_accuracy(cfg, ws, aset))
     atomic_write_json(ws.root / "reports" / "adapters_eval.json", {"finished": now(), **result})
     return result
+
+
+def _question_accuracy(cfg: NucleusConfig, ws: Workspace, aset: AdapterSet) -> dict[str, float]:
+    """`qa/<way>/acc` on the run's held-out questions: the base alone, every adapter merged, and
+    routed (each question to the adapter its prompt routes to)."""
+    questions = question_set.load_questions(question_set.qa_dir(ws) / "questions.jsonl")
+    routes = aset.route([q["prompt"] for q in questions], top_k=1)
+    pad, bs, device = aset.tokenizer.pad_token_id, cfg.train.eval_batch_size, aset.device
+
+    def accuracy(target: str, subset: list[dict]) -> float:
+        with aset.using(target) as model:
+            return question_accuracy(model, tokenize_questions(aset.tokenizer, subset), bs, device, pad,
+                                     aset.autocast_dtype)["qa/acc"]
+
+    out = {"qa/base/acc": accuracy(BASE, questions), "qa/merged_all/acc": accuracy(MERGED_ALL, questions)}
+    by_target: dict[str, list[dict]] = {}
+    for q, r in zip(questions, routes):
+        by_target.setdefault(r[0][0], []).append(q)
+    out["qa/routed/acc"] = sum(accuracy(t, qs) * len(qs) for t, qs in by_target.items()) / len(questions)
+    out["qa/questions"] = float(len(questions))
+    return out
 
 
 # ------------------------------------------------------------------------------ display
@@ -382,4 +406,7 @@ def human(action: str, r: Any) -> str:
              "specialisation (rows: adapter, columns: neighbourhood held-out perplexity):",
              " " * 14 + "".join(f"{n[:10]:>11}" for n in spec["neighborhoods"])]
     lines += [f"{a[:13]:<14}" + "".join(f"{v:>11.2f}" for v in row) for a, row in zip(spec["adapters"], spec["ppl"])]
+    if "qa/routed/acc" in r:
+        lines.append(f"question accuracy ({int(r['qa/questions'])} held-out questions): base {r['qa/base/acc']:.3f}, "
+                     f"routed {r['qa/routed/acc']:.3f}, all merged {r['qa/merged_all/acc']:.3f}")
     return "\n".join(lines)

@@ -147,7 +147,7 @@ class GraphConfig(Section):
 
 class NucleateConfig(Section):
     seed_graph: str | None = None
-    """Seed knowledge graph YAML (concepts + relations); unset = nucleus of the most central topics (PageRank)."""
+    """Seed knowledge graph YAML (concepts + relations); unset = the corpus's own true seed graph when it comes from `nucleus synth`, else the most central topics (PageRank)."""
     hits_per_text: int = Field(default=20, ge=1)
     """Passages retrieved per concept text (description, alias, query); each votes for its topic."""
     threshold: float = Field(default=0.2, gt=0.0, le=1.0)

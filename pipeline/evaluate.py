@@ -2,13 +2,15 @@
 
 Returns a flat `dict[str, float]` with prefixed names, token-weighted:
 `heldout/loss`, `heldout/ppl` (natural mixture), `topic/<t>/ppl`, `nb/<id>/ppl` for the
-neighbourhoods asked for, and `nucleus/ppl` (forgetting) when the nucleus is given.
+neighbourhoods asked for, and `nucleus/ppl` (forgetting) when the nucleus is given. On a run
+with a question set (a `nucleus synth` corpus), `question_accuracy` adds `qa/...` metrics.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -64,4 +66,90 @@ def evaluate(model: nn.Module, eval_set: EvalSet, batch_size: int, device: torch
         key = "nucleus" if name == "__nucleus__" else f"nb/{name}"
         out[f"{key}/loss"] = float(nll[sel].sum() / max(count[sel].sum(), 1.0))
         out[f"{key}/ppl"] = _ppl(nll[sel].sum(), count[sel].sum())
+    return out
+
+
+# ------------------------------------------------------------------ question accuracy
+
+
+@dataclass
+class QuestionBatch:
+    """Tokenised questions: one sequence per (question, candidate), prompt then candidate."""
+
+    sequences: list[list[int]]
+    answer_start: list[int]  # index of each sequence's first candidate token
+    question: np.ndarray  # (n_sequences,) which question a sequence belongs to
+    is_answer: np.ndarray  # (n_sequences,) the true candidate
+    groups: dict[str, np.ndarray]  # metric suffix -> mask over questions
+
+
+def tokenize_questions(tokenizer, questions: list[dict]) -> QuestionBatch:
+    """Each candidate is scored as `" " + candidate` after the prompt, all candidates of a
+    question tokenised the same way, so their log-likelihoods compare."""
+    sequences, starts, owner, truth = [], [], [], []
+    for qi, q in enumerate(questions):
+        prompt = [tokenizer.eos_token_id] + tokenizer(q["prompt"], add_special_tokens=False)["input_ids"]
+        for cand in q["candidates"]:
+            ids = tokenizer(" " + cand, add_special_tokens=False)["input_ids"]
+            sequences.append(prompt + ids)
+            starts.append(len(prompt))
+            owner.append(qi)
+            truth.append(cand == q["answer"])
+    groups = {"": np.ones(len(questions), bool)}
+    for key, field, value in (("_1hop", "hops", 1), ("_2hop", "hops", 2), ("_nucleus", "distance", "nucleus"),
+                              ("_near", "distance", "near"), ("_far", "distance", "far")):
+        mask = np.array([q.get(field) == value for q in questions])
+        if mask.any():
+            groups[key] = mask
+    return QuestionBatch(sequences, starts, np.asarray(owner), np.asarray(truth), groups)
+
+
+@torch.no_grad()
+def question_accuracy(model: nn.Module, batch: QuestionBatch, batch_size: int, device: torch.device, pad_id: int,
+                      autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """`qa/acc` (the true answer has the highest log-likelihood among the candidates), `qa/em`
+    (greedy decoding from the prompt reproduces the answer's tokens), per hop count and distance
+    from the nucleus (`qa/acc_2hop`, `qa/acc_far`, ...), and `qa/answer_ppl` (perplexity of the
+    true answers). Deterministic: no sampling."""
+    was_training = model.training
+    model.eval()
+    n = len(batch.sequences)
+    score, greedy_ok = np.zeros(n), np.zeros(n, bool)
+    nll, count = np.zeros(n), np.zeros(n)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    for start in range(0, n, batch_size):
+        seqs = batch.sequences[start:start + batch_size]
+        ids, mask = (t.to(device) for t in pad_batch(seqs, pad_id))
+        with ctx:
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = ids[:, 1:]
+        tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (batch, width-1)
+        pos = torch.arange(target.shape[1], device=device)
+        begin = torch.tensor(batch.answer_start[start:start + len(seqs)], device=device) - 1
+        cand = (pos[None] >= begin[:, None]) & mask[:, 1:].bool()  # predictions of candidate tokens
+        hit = (logp.argmax(-1) == target) | ~cand
+        score[start:start + len(seqs)] = (tok * cand).sum(1).cpu().numpy()
+        greedy_ok[start:start + len(seqs)] = hit.all(1).cpu().numpy()
+        nll[start:start + len(seqs)] = (-tok * cand).sum(1).cpu().numpy()
+        count[start:start + len(seqs)] = cand.sum(1).cpu().numpy()
+    model.train(was_training)
+    n_q = int(batch.question.max()) + 1 if n else 0
+    best = np.full(n_q, -np.inf)
+    np.maximum.at(best, batch.question, score)
+    true_score = np.full(n_q, -np.inf)
+    true_score[batch.question[batch.is_answer]] = score[batch.is_answer]
+    # ties count against the answer: a model that scores everything alike knows nothing
+    ties = np.bincount(batch.question, weights=(score >= true_score[batch.question]) & ~batch.is_answer,
+                       minlength=n_q)
+    correct = (true_score >= best) & (ties == 0)
+    em = np.zeros(n_q, bool)
+    em[batch.question[batch.is_answer]] = greedy_ok[batch.is_answer]
+    out = {}
+    for key, sel in batch.groups.items():
+        out[f"qa/acc{key}"] = float(correct[sel].mean())
+    out["qa/em"] = float(em.mean()) if n_q else float("nan")
+    ans = batch.is_answer
+    out["qa/answer_ppl"] = _ppl(nll[ans].sum(), count[ans].sum())
+    out["qa/chance"] = float(np.mean(1.0 / np.bincount(batch.question))) if n_q else float("nan")
     return out

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, question_set
 from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import DamagedFile, UserError, reading
 from pipeline.atomic import atomic_path, atomic_write_json, read_json
@@ -55,6 +55,7 @@ class IndexResult:
     factory: str
     steps_run: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    topics_nmi: float | None = None  # against the true communities of a `nucleus synth` corpus
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -110,6 +111,7 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False, executor=None) -
         steps_run.append("graph")
 
     result = _summary(ws, steps_run, time.perf_counter() - t0)
+    result.topics_nmi = _known_world(cfg, ws, corpus, "topics" in steps_run)
     if steps_run or not ws.is_complete("index"):  # a full skip must not invalidate later stages
         ws.mark_complete("index", cfg, SECTIONS, {"passages": result.passages, "topics": result.topics})
     return result
@@ -268,6 +270,22 @@ def _build_graph(cfg: NucleusConfig, ws: Workspace) -> None:
     if isolated:
         log.warning("graph: %d topics have no edge (%s); raise graph.p or use graph.kind: knn",
                     len(isolated), isolated[:10])
+
+
+def _known_world(cfg: NucleusConfig, ws: Workspace, corpus, topics_changed: bool) -> float | None:
+    """For a `nucleus synth` corpus: its world (questions, true seed graph) copied into `qa/`, and
+    the NMI of the topics against its communities (recomputed when the topics changed)."""
+    from retrieval.corpus import resolve_paths
+
+    files = resolve_paths(cfg.corpus.paths)
+    if not question_set.copy_world(ws, files):
+        return None
+    quality = question_set.qa_dir(ws) / "topics.json"
+    if topics_changed or not quality.is_file():
+        table = pq.read_table(ws.topics_dir / "assignments.parquet", columns=["topic_id"])
+        question_set.topic_quality(ws, question_set.world_dir(files) / "corpus.jsonl", corpus["doc_id"],
+                                   np.asarray(table.column("topic_id")))
+    return read_json(quality)["nmi"]
 
 
 def _summary(ws: Workspace, steps_run: list[str], seconds: float) -> IndexResult:

@@ -14,6 +14,7 @@ from pathlib import Path
 from curriculum.neighborhood import NUCLEUS, Neighborhood
 from curriculum.nucleation import central_topics, knowledge_edges, map_concepts
 from pipeline import index as index_stage
+from pipeline import question_set
 from pipeline.config import NucleusConfig
 from pipeline.errors import UserError
 from pipeline.retrieve import open_retriever
@@ -45,8 +46,17 @@ def check(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
 
     if ws is not None:
         ws.require("index", "nucleate")
+    path = seed_graph_of(cfg, ws) if ws is not None else (
+        Path(cfg.nucleate.seed_graph) if cfg.nucleate.seed_graph else None)
+    if path is not None:
+        load_seed_graph(path)
+
+
+def seed_graph_of(cfg: NucleusConfig, ws: Workspace) -> Path | None:
+    """`nucleate.seed_graph`, else the true seed graph of a `nucleus synth` corpus, else None."""
     if cfg.nucleate.seed_graph:
-        load_seed_graph(Path(cfg.nucleate.seed_graph))
+        return Path(cfg.nucleate.seed_graph)
+    return question_set.seed_graph_path(ws)
 
 
 def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> NucleateResult:
@@ -54,8 +64,9 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> NucleateResul
     if ws.is_complete("nucleate") and not force:
         return _result_from_disk(ws)
     graph = load_topic_graph(ws, with_knowledge=False)
-    if cfg.nucleate.seed_graph:
-        result, edges = _from_seed_graph(cfg, ws)
+    seed_path = seed_graph_of(cfg, ws)
+    if seed_path is not None:
+        result, edges = _from_seed_graph(cfg, ws, seed_path)
     else:
         result, edges = NucleateResult("pagerank", central_topics(graph, cfg.nucleate.pagerank_topics)), []
     atomic_write_json(ws.root / "kg" / "knowledge_edges.json", {"edges": edges})
@@ -66,10 +77,9 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> NucleateResul
     return result
 
 
-def _from_seed_graph(cfg: NucleusConfig, ws: Workspace) -> tuple[NucleateResult, list[dict]]:
+def _from_seed_graph(cfg: NucleusConfig, ws: Workspace, path: Path) -> tuple[NucleateResult, list[dict]]:
     from curriculum.seed_graph import load_seed_graph
 
-    path = Path(cfg.nucleate.seed_graph)
     seed = load_seed_graph(path)
     retriever = open_retriever(cfg, ws)
 

@@ -50,8 +50,8 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ReportResult:
     proposals = ledger.proposals() if ledger else []
     holes = ledger.rabbit_holes() if ledger else []
     done = [p for p in proposals if p["status"] == "done"]
-    plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _topic_plot(ws, out), _curiosity_plot(out, done),
-             _adapters_plot(ws, out)]
+    plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _qa_plot(ws, out), _topic_plot(ws, out),
+             _curiosity_plot(out, done), _adapters_plot(ws, out)]
     plots = [p for p in plots if p]
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
@@ -164,6 +164,53 @@ def _curves_plot(ws: Workspace, out: Path) -> str | None:
     return _save(fig, out / "learning_curves.png")
 
 
+def _qa_plot(ws: Workspace, out: Path) -> str | None:
+    """Question accuracy against training tokens, per training (runs with a question set)."""
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, float]] = {}
+    chance = None
+    for row in metrics_log.read(ws.logs_dir / "metrics.jsonl"):
+        if "qa/acc" in row:
+            curves.setdefault(row["nb"], {})[row["tokens"]] = row["qa/acc"]  # the latest run wins per count
+            chance = row.get("qa/chance", chance)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for nb, pts in curves.items():
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", ms=3, label=nb, lw=2.5 if nb == NUCLEUS else 1.2)
+    if chance is not None:
+        ax.axhline(chance, color="0.5", ls=":", label="chance")
+    ax.set_xlabel("training tokens of that run")
+    ax.set_ylabel("held-out question accuracy (qa/acc)")
+    ax.set_title("Questions about the known graph, by training")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out / "question_accuracy.png")
+
+
+def _qa_summary(ws: Workspace) -> str:
+    """The report's lines on a known-graph run: final question accuracy and topic quality."""
+    last: dict[str, dict] = {}
+    for row in metrics_log.read(ws.logs_dir / "metrics.jsonl"):
+        if "qa/acc" in row:
+            last[row["nb"]] = row
+    quality = ws.root / "qa" / "topics.json"
+    parts = []
+    if quality.is_file():
+        q = read_json(quality)
+        parts.append(f"<p>Topics against the corpus's true communities: NMI {q['nmi']:.3f}, purity {q['purity']:.3f} "
+                     f"({q['topics']} topics, {q['communities']} communities).</p>")
+    if last:
+        keys = [k for k in ("qa/acc", "qa/em", "qa/acc_1hop", "qa/acc_2hop", "qa/acc_nucleus", "qa/acc_near",
+                            "qa/acc_far", "qa/chance") if any(k in r for r in last.values())]
+        head = "".join(f"<th>{k}</th>" for k in keys)
+        rows = "".join(f"<tr><td>{html.escape(nb)}</td>" + "".join(
+            f"<td>{r[k]:.3f}</td>" if k in r else "<td></td>" for k in keys) + "</tr>" for nb, r in last.items())
+        parts.append(f"<table><tr><th>training</th>{head}</tr>{rows}</table>")
+    return "<h2>Questions</h2>" + "".join(parts) if parts else ""
+
+
 def _topic_plot(ws: Workspace, out: Path) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -240,6 +287,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;te
 <h2>Neighbourhoods</h2>
 <table><tr><th>round</th><th>neighbourhood</th><th>topics</th><th>passages</th><th>tokens</th><th>loss before</th>
 <th>loss after</th><th>progress / 1k tok</th><th>nucleus forgetting</th></tr>{rows}</table>
+{_qa_summary(ws)}
 <h2>Rabbit holes</h2>{_holes_table(holes)}
 <h2>Plots</h2>{images}</body></html>
 """

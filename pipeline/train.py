@@ -21,11 +21,11 @@ import torch
 
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
-from pipeline import __version__, metrics_log
+from pipeline import __version__, metrics_log, question_set
 from pipeline import nucleate as nucleate_stage
 from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import UserError, did_you_mean, reading
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import QuestionBatch, evaluate, question_accuracy, tokenize_questions
 from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts, tokenize
 from pipeline.model import (build_scratch_model, check_target_modules, context_length, count_parameters,
                             load_pretrained, model_skeleton, resolve_device, save_base, train_tokenizer)
@@ -268,9 +268,14 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
     graph = nucleate_stage.load_topic_graph(ws).adjacency()
     nucleus_topics = nucleate_stage.load_neighborhood(ws, NUCLEUS).topics
 
+    questions = question_batch(ws, tokenizer)
+
     def evaluate_fn(m) -> dict[str, float]:
-        return evaluate(m, eval_set, t.eval_batch_size, device, tokenizer.pad_token_id,
-                        {nb.id: nb.topics}, nucleus_topics, autocast)
+        out = evaluate(m, eval_set, t.eval_batch_size, device, tokenizer.pad_token_id,
+                       {nb.id: nb.topics}, nucleus_topics, autocast)
+        if questions is not None:
+            out.update(question_accuracy(m, questions, t.eval_batch_size, device, tokenizer.pad_token_id, autocast))
+        return out
 
     def sampler_for(b: Blocks, seed_offset: int):
         return lambda: iter(make_sampler(t.sampler, b.topics, t.batch_size, graph, t.community_k,
@@ -310,6 +315,13 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
                        seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
                        trainable_params=count_parameters(model, trainable_only=True),
                        metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from)
+
+
+def question_batch(ws: Workspace, tokenizer) -> QuestionBatch | None:
+    """The run's held-out questions, tokenised, when its corpus has a question set."""
+    if not question_set.has_questions(ws):
+        return None
+    return tokenize_questions(tokenizer, question_set.load_questions(question_set.qa_dir(ws) / "questions.jsonl"))
 
 
 def autocast_dtype(cfg: NucleusConfig, device: torch.device) -> torch.dtype | None:

@@ -36,14 +36,14 @@ STAGE_ORDER = ("index", "nucleate", "train", "explore")
 # these, and a rejected command removes only these when it made them.
 LAYOUT = ("config.yaml", "meta.json", "corpus", "index", "topics", "kg", "neighborhoods", "model", "adapters",
           "checkpoints", "logs", "ledger.sqlite", "ledger.sqlite-journal", "ledger.sqlite-wal",
-          "ledger.sqlite-shm", "explore", "reports", "queue", ".cache", "evals", "locks", "adapters_eval.json")
+          "ledger.sqlite-shm", "explore", "reports", "queue", ".cache", "evals", "locks", "adapters_eval.json", "qa")
 # What a command may create before its first artifact (and a rejected one then removes): the
 # job ledger and the embedded broker's folders, opened before any work starts.
 BOOKKEEPING = ("ledger.sqlite", "ledger.sqlite-journal", "ledger.sqlite-wal", "ledger.sqlite-shm", "queue",
                ".cache", "locks")
 # The command that rebuilds each top-level artifact, for messages about damaged files.
 REBUILD = {"corpus": "index", "index": "index", "topics": "index", "kg": "nucleate", "neighborhoods": "nucleate",
-           "model": "train", "ledger.sqlite": "explore", "explore": "explore", "reports": "report"}
+           "model": "train", "ledger.sqlite": "explore", "explore": "explore", "reports": "report", "qa": "index"}
 
 
 def now() -> str:
