@@ -158,7 +158,9 @@ def _index_human(r: dict) -> str:
     return (f"indexed {r['documents']} documents -> {r['passages']} passages "
             f"({r['heldout']} held out), {r['topics']} topics, {r['graph_edges']} graph edges; "
             f"{r['factory']} index, dim {r['dim']}.\nran: {steps} in {r['seconds']} s\n"
-            f"run directory: {r['run_dir']}")
+            + (f"topics against the corpus's true communities: NMI {r['topics_nmi']:.3f}\n"
+               if r.get("topics_nmi") is not None else "")
+            + f"run directory: {r['run_dir']}")
 
 
 def _topics_human(topics: list[dict]) -> str:
