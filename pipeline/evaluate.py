@@ -19,26 +19,33 @@ from torch import nn
 from pipeline.lm_data import EvalSet, pad_batch
 
 
-@torch.no_grad()
+def _next_token_logprobs(model: nn.Module, sequences: list[list[int]], batch_size: int, device: torch.device,
+                         pad_id: int, autocast_dtype: torch.dtype | None):
+    """Per batch of `sequences` (in eval mode, no gradients): (start, log-probabilities of the
+    next token (batch, width-1, vocab), targets (batch, width-1), target mask (batch, width-1))."""
+    was_training = model.training
+    model.eval()
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    try:
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = (t.to(device) for t in pad_batch(sequences[start:start + batch_size], pad_id))
+            with torch.no_grad(), ctx:
+                logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
+            yield start, torch.log_softmax(logits[:, :-1].float(), dim=-1), ids[:, 1:], mask[:, 1:].bool()
+    finally:
+        model.train(was_training)
+
+
 def passage_nll(model: nn.Module, eval_set: EvalSet, batch_size: int, device: torch.device,
                 pad_id: int, autocast_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL in nats, predicted tokens) per held-out passage."""
-    was_training = model.training
-    model.eval()
     nll = np.zeros(len(eval_set.sequences))
     count = np.zeros(len(eval_set.sequences))
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    for start in range(0, len(eval_set.sequences), batch_size):
-        seqs = eval_set.sequences[start:start + batch_size]
-        ids, mask = (t.to(device) for t in pad_batch(seqs, pad_id))
-        with ctx:
-            logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = ids[:, 1:]
-        tok_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask[:, 1:]  # (batch, width-1)
-        nll[start:start + len(seqs)] = tok_nll.sum(1).cpu().numpy()
-        count[start:start + len(seqs)] = mask[:, 1:].sum(1).cpu().numpy()
-    model.train(was_training)
+    for start, logp, target, mask in _next_token_logprobs(model, eval_set.sequences, batch_size, device, pad_id,
+                                                          autocast_dtype):
+        tok_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask  # (batch, width-1)
+        nll[start:start + len(target)] = tok_nll.sum(1).cpu().numpy()
+        count[start:start + len(target)] = mask.sum(1).cpu().numpy()
     return nll, count
 
 
@@ -104,36 +111,27 @@ def tokenize_questions(tokenizer, questions: list[dict]) -> QuestionBatch:
     return QuestionBatch(sequences, starts, np.asarray(owner), np.asarray(truth), groups)
 
 
-@torch.no_grad()
 def question_accuracy(model: nn.Module, batch: QuestionBatch, batch_size: int, device: torch.device, pad_id: int,
                       autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """`qa/acc` (the true answer has the highest log-likelihood among the candidates), `qa/em`
     (greedy decoding from the prompt reproduces the answer's tokens), per hop count and distance
     from the nucleus (`qa/acc_2hop`, `qa/acc_far`, ...), and `qa/answer_ppl` (perplexity of the
     true answers). Deterministic: no sampling."""
-    was_training = model.training
-    model.eval()
     n = len(batch.sequences)
     score, greedy_ok = np.zeros(n), np.zeros(n, bool)
     nll, count = np.zeros(n), np.zeros(n)
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    for start in range(0, n, batch_size):
-        seqs = batch.sequences[start:start + batch_size]
-        ids, mask = (t.to(device) for t in pad_batch(seqs, pad_id))
-        with ctx:
-            logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, width, vocab)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = ids[:, 1:]
+    for start, logp, target, mask in _next_token_logprobs(model, batch.sequences, batch_size, device, pad_id,
+                                                          autocast_dtype):
+        end = start + len(target)
         tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (batch, width-1)
         pos = torch.arange(target.shape[1], device=device)
-        begin = torch.tensor(batch.answer_start[start:start + len(seqs)], device=device) - 1
-        cand = (pos[None] >= begin[:, None]) & mask[:, 1:].bool()  # predictions of candidate tokens
+        begin = torch.tensor(batch.answer_start[start:end], device=device) - 1
+        cand = (pos[None] >= begin[:, None]) & mask  # predictions of candidate tokens
         hit = (logp.argmax(-1) == target) | ~cand
-        score[start:start + len(seqs)] = (tok * cand).sum(1).cpu().numpy()
-        greedy_ok[start:start + len(seqs)] = hit.all(1).cpu().numpy()
-        nll[start:start + len(seqs)] = (-tok * cand).sum(1).cpu().numpy()
-        count[start:start + len(seqs)] = cand.sum(1).cpu().numpy()
-    model.train(was_training)
+        score[start:end] = (tok * cand).sum(1).cpu().numpy()
+        greedy_ok[start:end] = hit.all(1).cpu().numpy()
+        nll[start:end] = (-tok * cand).sum(1).cpu().numpy()
+        count[start:end] = cand.sum(1).cpu().numpy()
     n_q = int(batch.question.max()) + 1 if n else 0
     best = np.full(n_q, -np.inf)
     np.maximum.at(best, batch.question, score)
