@@ -33,6 +33,7 @@ from pipeline import train_joint
 from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
 from pipeline.errors import DamagedFile, JobFailed, UserError
 from pipeline.workspace import Workspace, rebuild_hint
+from retrieval import known_graph
 
 # Command name -> stage function `run(cfg, ws, ...) -> Result`. tests/pipeline/test_cli.py keeps
 # this table, the typer commands and the stage modules in sync.
@@ -50,6 +51,10 @@ STAGES: dict[str, Callable[..., Any]] = {
 SERVICES: dict[str, Callable[..., Any]] = {
     "worker": worker_service.run,
     "jobs": job_ledger.summary,
+}
+# Commands that touch no run directory: the generator of corpora with a known knowledge graph.
+TOOLS: dict[str, Callable[..., Any]] = {
+    "synth": known_graph.write_corpus,
 }
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -473,6 +478,35 @@ def jobs(run_dir: RunDir, json_: JsonOpt = False):
         if not ws.exists():
             raise UserError(f"--run-dir '{run_dir}' is not a Nucleus run directory (no meta.json).")
         _emit(SERVICES["jobs"](ws.root / "ledger.sqlite"), json_, _jobs_human)
+
+
+# ------------------------------------------------------------------------------ synth
+
+
+def _synth_human(r: dict) -> str:
+    c = r["counts"]
+    return (f"wrote a world of {c['entities']:,} entities ({c['persons']:,} persons, {c['cities']:,} cities, "
+            f"{c['organisations']:,} organisations) to {r['out']}: {c['documents']:,} documents, {c['words']:,} words "
+            f"(about {c['approx_tokens']:,} tokens), {c['questions']:,} questions ({c['questions_heldout']:,} held "
+            f"out).\nUse it with --set \"corpus.paths=[{r['out']}/corpus.jsonl]\": index copies its questions and "
+            f"true seed graph into the run.")
+
+
+@app.command()
+def synth(out: Annotated[Path, typer.Option("--out", "-o", help="New or empty folder to write the world into.")],
+          entities: Annotated[int, typer.Option(help="Persons, cities and organisations together.")] = 2000,
+          communities: Annotated[int, typer.Option(help="Communities (on a ring; bridges join neighbours).")] = 8,
+          docs_per_entity: Annotated[int, typer.Option(help="Biographies per person.")] = 3,
+          bridge_fraction: Annotated[float, typer.Option(help="Share of relations to a neighbouring community.")] = 0.1,
+          nucleus_communities: Annotated[int, typer.Option(help="Communities of the true nucleus.")] = 1,
+          candidates: Annotated[int, typer.Option(help="Candidate answers per question, the true one included.")] = 8,
+          seed: Annotated[int, typer.Option(help="Seed: the same options give the same bytes.")] = 0,
+          json_: JsonOpt = False):
+    """Write a corpus whose knowledge graph is known: biographies, the true seed graph, questions."""
+    with _guard():
+        spec = known_graph.KnownGraphSpec(entities, communities, docs_per_entity, bridge_fraction,
+                                          nucleus_communities, candidates, seed)
+        _emit(TOOLS["synth"](out, spec), json_, _synth_human)
 
 
 # ------------------------------------------------------------------------------ config

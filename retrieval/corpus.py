@@ -80,9 +80,12 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         if pattern.startswith(BUILTIN_PREFIX):
             name = pattern[len(BUILTIN_PREFIX):]
-            path = BUILTIN_DIR / f"{name}.txt"
-            if not path.is_file():
-                known = sorted(p.stem for p in BUILTIN_DIR.glob("*.txt"))
+            # a text file, or a folder written by `nucleus synth` (its corpus.jsonl; the rest of
+            # the folder is the corpus's known world: questions, true seed graph)
+            path = BUILTIN_DIR / name / "corpus.jsonl" if (BUILTIN_DIR / name).is_dir() else BUILTIN_DIR / f"{name}.txt"
+            if "/" in name or not path.is_file():
+                known = sorted([p.stem for p in BUILTIN_DIR.glob("*.txt")]
+                               + [p.parent.name for p in BUILTIN_DIR.glob("*/corpus.jsonl")])
                 raise UserError(f"corpus.paths: unknown built-in corpus '{pattern}'; "
                                 f"available: {', '.join(BUILTIN_PREFIX + k for k in known)}.")
             out.append(path)

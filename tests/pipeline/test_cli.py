@@ -5,14 +5,14 @@ import pkgutil
 
 
 import pipeline
-from pipeline.cli import SERVICES, STAGES, app
+from pipeline.cli import SERVICES, STAGES, TOOLS, app
 from tests.conftest import nucleus
 
 
 def test_command_table_matches_typer_commands_and_stage_modules():
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    assert commands == set(STAGES) | set(SERVICES) | {"config"}
-    assert set(SERVICES).isdisjoint(STAGES)
+    assert commands == set(STAGES) | set(SERVICES) | set(TOOLS) | {"config"}
+    assert set(SERVICES).isdisjoint(STAGES) and set(TOOLS).isdisjoint(set(STAGES) | set(SERVICES))
     stage_modules = {m.name for m in pkgutil.iter_modules(pipeline.__path__)
                      if hasattr(__import__(f"pipeline.{m.name}", fromlist=["run"]), "run")}
     assert stage_modules == set(STAGES)
