@@ -32,8 +32,17 @@ from pipeline.atomic import atomic_write_text
 from pipeline.errors import UserError
 
 GENERATOR = "nucleus synth"
+# Each community has its own fields of study (most of its persons and organisations work in them):
+# the words a semantic embedder can see, so that topics can recover communities as they recover
+# the subjects of real text.
 FIELDS = ("astronomy", "botany", "cartography", "chemistry", "geology", "linguistics", "mathematics", "medicine",
-          "music", "philosophy", "sculpture", "zoology")
+          "music", "philosophy", "sculpture", "zoology", "architecture", "meteorology", "oceanography", "painting",
+          "poetry", "economics", "archaeology", "entomology", "metallurgy", "optics", "acoustics", "genetics",
+          "theology", "navigation", "agriculture", "horology", "ceramics", "weaving", "falconry", "beekeeping",
+          "glassmaking", "brewing", "shipbuilding", "clockmaking", "typography", "cryptography", "ornithology",
+          "mycology", "volcanology", "seismology", "hydrology", "forestry", "viticulture", "perfumery", "tanning",
+          "cooperage")
+FIELDS_PER_COMMUNITY = 2
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "m", "nd", "rk")
@@ -130,7 +139,10 @@ def build_world(spec: KnownGraphSpec) -> dict:
     rng = random.Random(spec.seed)
     per, n_places = spec.sizes(), spec.places()
     cities = _names(rng, sum(n_places), lambda r: _word(r, 1) + r.choice(_CITY_ENDS))
+    fields = _community_fields(spec)
+    org_fields = [fields[c][i % FIELDS_PER_COMMUNITY] for c, k in enumerate(n_places) for i in range(k)]
     orgs = _names(rng, sum(n_places), lambda r: f"{_word(r, 2)} {r.choice(_ORG_KINDS)}")
+    orgs = [f"{name} of {field.title()}" for name, field in zip(orgs, org_fields)]
     people = _names(rng, sum(n - 2 * k for n, k in zip(per, n_places)),
                     lambda r: f"{_word(r, r.choice((1, 2)))} {_word(r, 2)}")
     regions = _names(rng, spec.communities, lambda r: f"the {_word(r, 2)} region")
@@ -149,7 +161,9 @@ def build_world(spec: KnownGraphSpec) -> dict:
             oi += 1
         for _ in range(n - 2 * k):
             entities.append({"id": f"p{pi:05d}", "name": people[pi], "type": "person", "community": c,
-                             "attributes": {"birth_year": str(rng.randint(1900, 1999)), "field": rng.choice(FIELDS)},
+                             "attributes": {"birth_year": str(rng.randint(1900, 1999)),
+                                            "field": (rng.choice(FIELDS) if rng.random() < spec.bridge_fraction
+                                                      else rng.choice(fields[c]))},
                              "relations": {}})
             members[c]["person"].append(entities[-1])
             pi += 1
@@ -179,6 +193,14 @@ def build_world(spec: KnownGraphSpec) -> dict:
     distance = _distances(spec, edges)
     return {"entities": entities, "community_edges": sorted(list(e) for e in edges),
             "nucleus_communities": list(range(spec.nucleus_communities)), "distance": distance}
+
+
+def _community_fields(spec: KnownGraphSpec) -> list[tuple[str, ...]]:
+    """The fields of each community: distinct while FIELDS lasts, then reused (shuffled by seed)."""
+    order = list(FIELDS)
+    random.Random(spec.seed + 104_729).shuffle(order)
+    k = FIELDS_PER_COMMUNITY
+    return [tuple(order[(c * k + i) % len(order)] for i in range(k)) for c in range(spec.communities)]
 
 
 def _distances(spec: KnownGraphSpec, edges: set[tuple[int, int]]) -> dict[str, int]:
