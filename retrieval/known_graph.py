@@ -93,26 +93,31 @@ class KnownGraphSpec:
         return [max(1, round(0.1 * n)) for n in self.sizes()]
 
     def check(self) -> None:
-        def bad(option: str, rule: str, value) -> UserError:
-            return UserError(f"--{option}: {rule}, got {value}.")
+        """A UserError listing every option that cannot be generated (option, rule, value)."""
+        problems = []
 
-        if self.communities < 1:
-            raise bad("communities", "must be >= 1", self.communities)
-        if self.entities < 6 * self.communities:
-            raise bad("entities", f"must be at least 6 per community ({6 * self.communities} for "
-                                  f"{self.communities} communities: 4 persons, a city and an organisation each)",
-                      self.entities)
-        if self.docs_per_entity < 1:
-            raise bad("docs-per-entity", "must be >= 1 (every person needs a biography)", self.docs_per_entity)
-        if not 0.0 <= self.bridge_fraction <= 1.0:
-            raise bad("bridge-fraction", "must be in [0, 1]", self.bridge_fraction)
-        if not 1 <= self.nucleus_communities <= max(1, self.communities - 1):
-            raise bad("nucleus-communities", f"must be in [1, {max(1, self.communities - 1)}] (some communities "
-                                             f"must lie outside the nucleus)", self.nucleus_communities)
-        smallest = min(len(FIELDS), sum(self.places()))  # fields, cities and organisations
-        if not 2 <= self.candidates <= smallest:
-            raise bad("candidates", f"must be in [2, {smallest}] (the smallest attribute domain of this world)",
-                      self.candidates)
+        def need(ok: bool, option: str, rule: str, value) -> None:
+            if not ok:
+                problems.append(f"--{option}: {rule}, got {value}.")
+
+        need(self.communities >= 2, "communities", "must be >= 2 (a nucleus and something to expand to)",
+             self.communities)
+        need(self.entities >= 6 * max(1, self.communities), "entities",
+             f"must be at least 6 per community ({6 * max(1, self.communities)} for {self.communities} communities: "
+             f"4 persons, a city and an organisation each)", self.entities)
+        need(self.docs_per_entity >= 1, "docs-per-entity", "must be >= 1 (every person needs a biography)",
+             self.docs_per_entity)
+        need(0.0 <= self.bridge_fraction <= 1.0, "bridge-fraction", "must be in [0, 1]", self.bridge_fraction)
+        need(self.communities < 2 or 1 <= self.nucleus_communities <= self.communities - 1, "nucleus-communities",
+             f"must be in [1, {self.communities - 1}] (some communities must lie outside the nucleus)",
+             self.nucleus_communities)
+        if not problems:
+            smallest = min(len(FIELDS), sum(self.places()))  # fields, cities and organisations
+            need(2 <= self.candidates <= smallest, "candidates",
+                 f"must be in [2, {smallest}] (the smallest attribute domain of this world)", self.candidates)
+        if problems:
+            raise UserError(" ".join(problems) if len(problems) == 1 else
+                            "cannot generate this world:\n  - " + "\n  - ".join(problems))
 
 
 # ------------------------------------------------------------------------------ world
@@ -246,6 +251,24 @@ def _questions(world: dict, spec: KnownGraphSpec, rng: random.Random) -> list[di
                "employer": sorted(e["name"] for e in world["entities"] if e["type"] == "org"),
                "birth_year": [str(y) for y in range(1900, 2000)], "field": list(FIELDS)}
     domains["mentor.birth_city"] = domains["birth_city"]
+    # A value's home community (a city's or organisation's own; a field's community): distractors
+    # come from the answer's home first, then from the next communities around the ring, so that
+    # knowing a person's community alone does not pick the answer out of its candidates.
+    home = {e["name"]: e["community"] for e in world["entities"] if e["type"] != "person"}
+    for c, fs in enumerate(_community_fields(spec)):
+        for f in fs:
+            home.setdefault(f, c)
+
+    def ring(a: int, b: int) -> int:
+        return min(abs(a - b), spec.communities - abs(a - b))
+
+    def distractors(attr: str, answer: str) -> list[str]:
+        others = [v for v in domains[attr] if v != answer]
+        rng.shuffle(others)
+        if answer in home:
+            others.sort(key=lambda v: ring(home[answer], home.get(v, home[answer] + spec.communities)))
+        return others[: spec.candidates - 1]
+
     heldout = set()
     for c in range(spec.communities):  # half of each community's persons, deterministically
         ids = [p["id"] for p in persons if p["community"] == c]
@@ -257,8 +280,7 @@ def _questions(world: dict, spec: KnownGraphSpec, rng: random.Random) -> list[di
                    "employer": facts["employer"], "field": facts["field"],
                    "mentor.birth_city": _facts(by_id[p["relations"]["mentor"]], by_id)["birth_city"]}
         for attr, answer in answers.items():
-            distractors = rng.sample([v for v in domains[attr] if v != answer], spec.candidates - 1)
-            candidates = [answer, *distractors]
+            candidates = [answer, *distractors(attr, answer)]
             rng.shuffle(candidates)
             d = world["distance"][str(p["community"])]
             out.append({"id": f"{p['id']}:{attr}", "prompt": f"Q: {QUESTIONS[attr].format(n=p['name'])}\nA:",

@@ -89,7 +89,7 @@ def test_communities_are_neighbourhoods_with_near_and_far(world):
     persons = [e for e in graph["entities"] if e["type"] == "person"]
     links = [(p["community"], by_id[t]["community"]) for p in persons for t in p["relations"].values()]
     crossing = sum(a != b for a, b in links) / len(links)
-    # each of ~300 links crosses with probability 0.1: 0.1 +- 3 standard deviations (0.05)
+    # each of ~290 links crosses with probability 0.1: a standard deviation is 0.018, so 0.05 is ~2.8 of them
     assert abs(crossing - SPEC.bridge_fraction) < 0.05
     # bridges join ring neighbours only, so distance grows around the ring
     assert graph["distance"] == {"0": 0, "1": 1, "2": 2, "3": 1}
@@ -98,7 +98,7 @@ def test_communities_are_neighbourhoods_with_near_and_far(world):
 
 
 @pytest.mark.parametrize("change, option", [
-    ({"communities": 0}, "--communities"), ({"entities": 20}, "--entities"),
+    ({"communities": 1}, "--communities"), ({"entities": 20}, "--entities"),
     ({"docs_per_entity": 0}, "--docs-per-entity"), ({"bridge_fraction": 1.5}, "--bridge-fraction"),
     ({"nucleus_communities": 4}, "--nucleus-communities"), ({"candidates": 1}, "--candidates"),
     ({"candidates": 13}, "--candidates"),
@@ -107,6 +107,24 @@ def test_sizes_that_cannot_be_generated_name_the_option(change, option, tmp_path
     with pytest.raises(UserError, match=f"^{option}: must"):
         write_corpus(tmp_path / "w", KnownGraphSpec(**{**SPEC.__dict__, **change}))
     assert not (tmp_path / "w").exists()
+
+
+def test_every_problem_is_named_at_once(tmp_path):
+    with pytest.raises(UserError) as e:
+        write_corpus(tmp_path / "w", KnownGraphSpec(entities=10, communities=4, docs_per_entity=0, bridge_fraction=2))
+    assert all(o in str(e.value) for o in ("--entities", "--docs-per-entity", "--bridge-fraction"))
+
+
+def test_knowing_the_community_alone_does_not_answer(world):
+    """Distractors come from the answer's own community first: guessing any value of the
+    person's community is right about 1 in `candidates` times, as chance says."""
+    graph = json.loads((world / "graph.json").read_text())
+    home = {e["name"]: e["community"] for e in graph["entities"] if e["type"] != "person"}
+    for q in _jsonl(world / "questions.jsonl"):
+        if q["attribute"] in ("birth_city", "employer", "mentor.birth_city"):
+            same = [c for c in q["candidates"] if home[c] == home[q["answer"]]]
+            places = sum(1 for e in graph["entities"] if e["type"] != "person" and home[e["name"]] == home[q["answer"]])
+            assert len(same) == min(SPEC.candidates, places // 2), q  # as many as that community has
 
 
 def test_synth_through_the_cli(tmp_path):
