@@ -111,7 +111,7 @@ def run(cfg: NucleusConfig, ws: Workspace, force: bool = False, executor=None) -
         steps_run.append("graph")
 
     result = _summary(ws, steps_run, time.perf_counter() - t0)
-    result.topics_nmi = _known_world(cfg, ws, corpus, "topics" in steps_run)
+    result.topics_nmi = _known_world(cfg, ws, corpus, steps_run)
     if steps_run or not ws.is_complete("index"):  # a full skip must not invalidate later stages
         ws.mark_complete("index", cfg, SECTIONS, {"passages": result.passages, "topics": result.topics})
     return result
@@ -272,19 +272,20 @@ def _build_graph(cfg: NucleusConfig, ws: Workspace) -> None:
                     len(isolated), isolated[:10])
 
 
-def _known_world(cfg: NucleusConfig, ws: Workspace, corpus, topics_changed: bool) -> float | None:
-    """For a `nucleus synth` corpus: its world (questions, true seed graph) copied into `qa/`, and
-    the NMI of the topics against its communities (recomputed when the topics changed)."""
+def _known_world(cfg: NucleusConfig, ws: Workspace, corpus, steps_run: list[str]) -> float | None:
+    """For a `nucleus synth` corpus: its world (questions, true seed graph) copied into `qa/` when
+    the corpus was (re)read, and the NMI of the topics against its communities when they changed."""
     from retrieval.corpus import resolve_paths
 
-    files = resolve_paths(cfg.corpus.paths)
-    if not question_set.copy_world(ws, files):
+    src = question_set.world_dir(resolve_paths(cfg.corpus.paths))
+    if src is None:
         return None
+    if "corpus" in steps_run or not question_set.has_questions(ws):
+        question_set.copy_world(ws, src)
     quality = question_set.qa_dir(ws) / "topics.json"
-    if topics_changed or not quality.is_file():
+    if "topics" in steps_run or not quality.is_file():
         table = pq.read_table(ws.topics_dir / "assignments.parquet", columns=["topic_id"])
-        question_set.topic_quality(ws, question_set.world_dir(files) / "corpus.jsonl", corpus["doc_id"],
-                                   np.asarray(table.column("topic_id")))
+        question_set.topic_quality(ws, src / "corpus.jsonl", corpus["doc_id"], np.asarray(table.column("topic_id")))
     return read_json(quality)["nmi"]
 
 

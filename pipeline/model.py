@@ -147,15 +147,15 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
-def resolve_device(device: str, field: str = "train.device") -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{field}: '{device}' asked for, but this machine has no CUDA device. "
-                        f"Use {field}: cpu (or auto).")
+        raise UserError(f"train.device: '{device}' asked for, but this machine has no CUDA device. "
+                        f"Use train.device: cpu (or auto).")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"{field}: '{device}' asked for, but this machine has {torch.cuda.device_count()} "
+        raise UserError(f"train.device: '{device}' asked for, but this machine has {torch.cuda.device_count()} "
                         f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}).")
     return dev
 

@@ -46,17 +46,17 @@ def check(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
 
     if ws is not None:
         ws.require("index", "nucleate")
-    path = seed_graph_of(cfg, ws) if ws is not None else (
-        Path(cfg.nucleate.seed_graph) if cfg.nucleate.seed_graph else None)
+    path = seed_graph_of(cfg, ws)
     if path is not None:
         load_seed_graph(path)
 
 
-def seed_graph_of(cfg: NucleusConfig, ws: Workspace) -> Path | None:
-    """`nucleate.seed_graph`, else the true seed graph of a `nucleus synth` corpus, else None."""
+def seed_graph_of(cfg: NucleusConfig, ws: Workspace | None) -> Path | None:
+    """`nucleate.seed_graph`, else the true seed graph of a `nucleus synth` corpus (a run's
+    `qa/`), else None."""
     if cfg.nucleate.seed_graph:
         return Path(cfg.nucleate.seed_graph)
-    return question_set.seed_graph_path(ws)
+    return question_set.seed_graph_path(ws) if ws is not None else None
 
 
 def run(cfg: NucleusConfig, ws: Workspace, force: bool = False) -> NucleateResult:

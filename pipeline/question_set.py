@@ -48,15 +48,11 @@ def world_dir(corpus_files: list[Path]) -> Path | None:
     return None
 
 
-def copy_world(ws: Workspace, corpus_files: list[Path]) -> bool:
-    """Copy the world of a synth corpus into `<run>/qa/` (each file by rename); False if none."""
-    src = world_dir(corpus_files)
-    if src is None:
-        return False
+def copy_world(ws: Workspace, src: Path) -> None:
+    """Copy the world of a synth corpus (folder `src`) into `<run>/qa/`, each file by rename."""
     for name in WORLD_FILES:
         if (src / name).is_file():
             atomic_write_text(qa_dir(ws) / name, (src / name).read_text(encoding="utf-8"))
-    return True
 
 
 def has_questions(ws: Workspace) -> bool:

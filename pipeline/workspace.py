@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from pipeline import __version__
-from pipeline.atomic import (TMP_PREFIX, atomic_write_json, atomic_write_text, is_stale_temporary, read_json,
+from pipeline.atomic import (TMP_PREFIX, atomic_write_bytes, atomic_write_json, atomic_write_text, is_stale_temporary,
+                             read_json,
                              remove_path, restore_aside, tmp_target)
 from pipeline.config import NucleusConfig, section_hash, to_yaml
 from pipeline.errors import DamagedFile, UserError
@@ -114,19 +115,16 @@ class Workspace:
     def clean_temporaries(self) -> None:
         """Remove what a killed Nucleus process left half-written: only temporaries of this
         machine's processes that no longer run, and only where Nucleus writes."""
+        found = list(self.root.glob(f"{TMP_PREFIX}*"))  # beside config.yaml, meta.json, corpus/, ...
         for name in LAYOUT:
             top = self.root / name
-            found = [top] if name.startswith(TMP_PREFIX) else []
             if top.is_dir() and not top.is_symlink():
                 found += top.rglob(f"{TMP_PREFIX}*")
-            for p in found:
-                if is_stale_temporary(p.name) and p.exists():
-                    target = tmp_target(p.name)
-                    if not (target.startswith("old-") and restore_aside(p.with_name(target[4:]))):
-                        remove_path(p)
-        for p in self.root.glob(f"{TMP_PREFIX}*"):  # atomic writes of config.yaml, meta.json
-            if is_stale_temporary(p.name):
-                remove_path(p)
+        for p in found:
+            if is_stale_temporary(p.name) and p.exists():
+                target = tmp_target(p.name)  # a directory moved aside goes back, if nothing replaced it
+                if not (target.startswith("old-") and restore_aside(p.with_name(target[4:]))):
+                    remove_path(p)
 
     # ----------------------------------------------------------------- config
     def stored_config(self) -> dict[str, Any] | None:
@@ -286,7 +284,7 @@ class Workspace:
             remove_path(self.root / rel)
         for path in (self.config_path, self.meta_path):
             if path in saved:
-                atomic_write_text(path, saved[path].decode("utf-8"))
+                atomic_write_bytes(path, saved[path])
             else:
                 path.unlink(missing_ok=True)
         return True
