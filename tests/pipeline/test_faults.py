@@ -185,7 +185,17 @@ CASES = [
     Case("config-show-broken-run-config", ["config", "show", *R], ("config.yaml", "not valid YAML"),
          setup=overwrite("config.yaml", b"seed: [\n")),
     Case("config-validate-missing", ["config", "validate", "{tmp}/none.yaml"], ("none.yaml",), start="new"),
+    # --- nucleus synth: a world that cannot be generated writes nothing
+    *[Case(f"synth-{option}-{value}", ["synth", "--out", "{tmp}/fresh", f"--{option}", value, *extra],
+           (f"--{option}",), start="new")
+      for option, value, extra in (
+          ("communities", "1", []), ("entities", "20", []), ("entities", "many", []),
+          ("docs-per-entity", "0", []), ("bridge-fraction", "1.5", []),
+          ("nucleus-communities", "8", ["--communities", "8"]), ("candidates", "1", []), ("seed", "x", []))],
+    Case("synth-out-not-empty", ["synth", "--out", "{run}"], ("--out", "not an empty directory"), start="foreign",
+         setup=foreign_files),
     # --- network services: bounded, the URL named, the password never shown
+    Case("connect-timeout-zero", ["explore", *R, "--set", "jobs.connect_timeout_s=0"], ("`jobs.connect_timeout_s`",)),
     Case("explore-broker-unreachable", ["explore", *R, "--set", "jobs.broker_url=redis://:s3cret@127.0.0.1:{closed}/0",
                                         "--set", "jobs.connect_timeout_s=0.5"],
          ("jobs.broker_url", f"127.0.0.1:{CLOSED}", "within 0.5 s")),
