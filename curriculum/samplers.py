@@ -12,6 +12,8 @@ is an infinite, seeded stream of batches (int64 arrays of `batch_size` block ind
   the training loss, so topics the model still finds hard are drawn more often. It learns from
   feedback: the training loop calls `observe(batch, per_block_losses)` after each forward pass
   on any sampler that has that method.
+- `skillit`: Skill-It's online rule (Chen et al. 2023) with the topic graph as its skills graph:
+  topics whose graph neighbourhood still has a high training loss are drawn more.
 
 Resuming: a sampler's stream depends only on its arguments and seed. Re-create it with the same
 arguments and call `skip(n)` to continue after the `n`-th batch; `batches_drawn` is the `n` to
@@ -326,6 +328,93 @@ class OdmSampler(BatchStream):
         self._last_mixture = None
 
 
+class SkillItSampler(BatchStream):
+    """Skill-It's online rule (Chen et al. 2023, "Skill-it! A data-driven skills framework for
+    understanding and training language models"; HazyResearch/skill-it), implemented from the
+    paper's Algorithm 1 with topics as skills and the topic graph as the skills graph A.
+
+    Training runs in rounds of `round_batches` batches. Before round t the mixture is
+
+        p_t(i)  proportional to  exp(eta * sum over the last `window` rounds of sum_j A_ij * L_j)
+
+    where L_j is topic j's mean training loss (nats/token) in that round, fed by `observe` like
+    `odm`'s (a topic not drawn in a round keeps its last loss; the first round, before any
+    loss, is uniform over topics). A = the adjacency with self-loops, rows normalised to sum 1:
+    Skill-It's graphs have a handful of skills; on a topic graph whose degrees vary, raw row
+    sums would make a topic's degree, not its neighbours' losses, decide its weight. A topic
+    whose neighbourhood still has much to learn is drawn more. Each slot of a batch draws a topic
+    from p_t and a uniformly random block of it. `state_dict()` / `load_state_dict()` resume it.
+    """
+
+    def __init__(self, block_topics: np.ndarray, batch_size: int, adjacency: dict[int, list[int]] | None,
+                 seed: int = 0, eta: float = 0.5, window: int = 3, round_batches: int = 25) -> None:
+        if adjacency is None:
+            raise ValueError("the skillit sampler needs the topic graph's adjacency (its skills graph)")
+        if eta < 0 or window < 1 or round_batches < 1:
+            raise ValueError(f"need eta >= 0, window >= 1, round_batches >= 1; got {eta}, {window}, {round_batches}")
+        self._by = _ByTopic(_check(block_topics, batch_size))
+        self.topics = self._by.topics
+        index = {int(t): i for i, t in enumerate(self.topics)}
+        a = np.eye(len(self.topics))
+        for t, ns in adjacency.items():
+            for n in ns:
+                if int(t) in index and int(n) in index:
+                    a[index[int(t)], index[int(n)]] = a[index[int(n)], index[int(t)]] = 1.0
+        self.graph = a / a.sum(1, keepdims=True)
+        self.batch_size, self.seed = batch_size, seed
+        self.eta, self.window, self.round_batches = eta, window, round_batches
+        self.batches_drawn = 0
+        self.last_loss = np.full(len(self.topics), np.nan)  # per topic, latest round it was seen
+        self.history: list[list[float]] = []  # A @ L per finished round (the last `window` kept)
+        self._round_sum = np.zeros(len(self.topics))
+        self._round_n = np.zeros(len(self.topics))
+        self._rng = np.random.default_rng(seed)
+
+    def mixture(self) -> np.ndarray:
+        """p for the current round (in `topics` order)."""
+        if not self.history:
+            return np.full(len(self.topics), 1.0 / len(self.topics))
+        z = self.eta * np.sum(self.history[-self.window:], axis=0)
+        w = np.exp(z - z.max())
+        return w / w.sum()
+
+    def _end_round(self) -> None:
+        seen = self._round_n > 0
+        self.last_loss[seen] = self._round_sum[seen] / self._round_n[seen]
+        # a topic never drawn yet counts as the hardest seen: nothing says it is learned
+        loss = np.where(np.isnan(self.last_loss), np.nanmax(self.last_loss), self.last_loss)
+        self.history = [*self.history, (self.graph @ loss).tolist()][-self.window:]
+        self._round_sum[:], self._round_n[:] = 0.0, 0.0
+
+    def next_batch(self) -> np.ndarray:
+        """The next batch: (batch_size,) int64 block indices drawn from the round's mixture."""
+        if self.batches_drawn and self.batches_drawn % self.round_batches == 0 and self._round_n.any():
+            self._end_round()
+        slots = self._rng.choice(len(self.topics), size=self.batch_size, p=self.mixture())
+        offsets = (self._rng.random(self.batch_size) * self._by.counts[slots]).astype(np.int64)
+        self.batches_drawn += 1
+        return self._by.order[self._by.starts[slots] + offsets].astype(np.int64, copy=False)
+
+    def observe(self, batch: np.ndarray, losses: np.ndarray) -> None:
+        """Accumulate the per-block training losses (nats/token) of the batch just drawn."""
+        where = self._by.position[np.asarray(batch)]
+        np.add.at(self._round_sum, where, np.asarray(losses, dtype=float))
+        np.add.at(self._round_n, where, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"rng": self._rng.bit_generator.state, "batches_drawn": self.batches_drawn,
+                "last_loss": [None if np.isnan(x) else float(x) for x in self.last_loss], "history": self.history,
+                "round_sum": self._round_sum.tolist(), "round_n": self._round_n.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self.batches_drawn = int(state["batches_drawn"])
+        self.last_loss = np.array([np.nan if x is None else x for x in state["last_loss"]], dtype=float)
+        self.history = [list(h) for h in state["history"]]
+        self._round_sum = np.asarray(state["round_sum"], dtype=float)
+        self._round_n = np.asarray(state["round_n"], dtype=float)
+
+
 SamplerFactory = Callable[[np.ndarray, int, dict[int, list[int]] | None, int, int], BlockSampler]
 
 
@@ -343,6 +432,8 @@ SAMPLERS: dict[str, SamplerFactory] = {
     "stratified": lambda block_topics, batch_size, adjacency, k, seed: StratifiedSampler(
         block_topics, batch_size, seed=seed),
     "odm": lambda block_topics, batch_size, adjacency, k, seed: OdmSampler(block_topics, batch_size, seed=seed),
+    "skillit": lambda block_topics, batch_size, adjacency, k, seed: SkillItSampler(
+        block_topics, batch_size, adjacency, seed=seed),
 }
 
 

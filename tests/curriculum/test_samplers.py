@@ -1,8 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 
-from curriculum.samplers import (SAMPLERS, CommunitySampler, OdmSampler, StratifiedSampler, UniformSampler,
-                                 make_sampler)
+from curriculum.samplers import (SAMPLERS, CommunitySampler, OdmSampler, SkillItSampler, StratifiedSampler,
+                                 UniformSampler, make_sampler)
 from pipeline.errors import UserError
 from retrieval.graph import TopicGraph
 
@@ -136,7 +138,7 @@ def test_unknown_sampler_name_suggests_the_closest():
     with pytest.raises(UserError) as e:
         make_sampler("comunity", BLOCK_TOPICS, 16, ADJ)
     assert str(e.value) == ("unknown sampler (train.sampler) 'comunity'. Did you mean 'community'? "
-                            "Choose one of: community, odm, stratified, uniform.")
+                            "Choose one of: community, odm, skillit, stratified, uniform.")
 
 
 def test_registry_builds_each_kind():
@@ -144,6 +146,9 @@ def test_registry_builds_each_kind():
     assert isinstance(make_sampler("community", BLOCK_TOPICS, 16, ADJ, k=1), CommunitySampler)
     assert isinstance(make_sampler("stratified", BLOCK_TOPICS, 16), StratifiedSampler)
     assert isinstance(make_sampler("odm", BLOCK_TOPICS, 16), OdmSampler)
+    assert isinstance(make_sampler("skillit", BLOCK_TOPICS, 16, ADJ), SkillItSampler)
+    with pytest.raises(ValueError, match="needs the topic graph's adjacency"):
+        make_sampler("skillit", BLOCK_TOPICS, 16)
     with pytest.raises(ValueError, match="needs the topic graph's adjacency"):
         make_sampler("community", BLOCK_TOPICS, 16)
 
@@ -186,3 +191,44 @@ def test_odm_state_dict_resumes_the_stream_exactly():
         a.observe(x, feedback(x))
         b.observe(y, feedback(y))
     np.testing.assert_allclose(a.rewards, b.rewards)
+
+
+def test_skillit_draws_more_from_topics_whose_neighbourhood_has_the_highest_loss():
+    sampler = SkillItSampler(BLOCK_TOPICS, 16, ADJ, seed=0, eta=2.0, window=3, round_batches=10)
+    np.testing.assert_allclose(sampler.mixture(), np.full(10, 0.1))  # no loss seen yet: uniform
+    hard = 9  # isolated: only its own loss counts for it
+    for _ in range(200):
+        batch = sampler.next_batch()
+        sampler.observe(batch, np.where(BLOCK_TOPICS[batch] == hard, 6.0, np.where(BLOCK_TOPICS[batch] == 1, 4.0, 2.0)))
+    p = sampler.mixture()
+    # the rule, computed by hand: L = (2, 4, 2, ..., 6), A = adjacency + self-loops, rows normalised
+    loss = np.where(np.arange(10) == hard, 6.0, np.where(np.arange(10) == 1, 4.0, 2.0))
+    a = np.eye(10)
+    for t, ns in ADJ.items():
+        for n in ns:
+            if t < 10 and n < 10:
+                a[t, n] = a[n, t] = 1.0
+    z = 2.0 * 3 * (a / a.sum(1, keepdims=True)) @ loss
+    np.testing.assert_allclose(p, np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rtol=1e-9)
+    assert p.argmax() == hard
+    # topic 1's neighbours (0 and 2) share its high loss; a topic far from it (5) does not
+    assert p[0] > p[5] and p[2] > p[5]
+    drawn = np.concatenate(batches(sampler, 100))
+    assert np.mean(BLOCK_TOPICS[drawn] == hard) > 0.5
+
+
+def test_skillit_state_dict_resumes_the_stream_exactly():
+    def feedback(batch):
+        return (BLOCK_TOPICS[batch] % 3).astype(float) + 1.0
+
+    a = SkillItSampler(BLOCK_TOPICS, 16, ADJ, seed=5, round_batches=7)
+    for _ in range(30):
+        a.observe(batch := a.next_batch(), feedback(batch))
+    b = SkillItSampler(BLOCK_TOPICS, 16, ADJ, seed=5, round_batches=7)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # as a checkpoint stores it
+    for _ in range(30):
+        x, y = a.next_batch(), b.next_batch()
+        assert np.array_equal(x, y)
+        a.observe(x, feedback(x))
+        b.observe(y, feedback(y))
+    np.testing.assert_allclose(a.mixture(), b.mixture())
