@@ -127,6 +127,8 @@ class TopicsConfig(Section):
     """Spherical k-means iterations."""
     keywords: int = Field(default=6, ge=1, le=50)
     """Distinctive keywords (c-TF-IDF) kept per topic label."""
+    group_by: Literal["auto", "none", "title"] = "auto"
+    """`title`: the passages of documents that share a title (one entity, one article) go together to the topic nearest their mean embedding; `none`: each passage to its own nearest topic; `auto`: `title` for a `nucleus synth` corpus (its documents about one entity carry the entity's name as title), `none` otherwise."""
 
 
 class GraphConfig(Section):
@@ -187,7 +189,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Gradient norm clipping."""
     sampler: str = "uniform"
-    """Batch sampler: `uniform` (shuffled blocks), `community` (community traversal of the topic graph), `stratified` (equal tokens per topic) or `odm` (online data mixing: an EXP3 bandit over topics rewarded by training loss)."""
+    """Batch sampler: `uniform` (shuffled blocks), `community` (community traversal of the topic graph), `stratified` (equal tokens per topic), `odm` (online data mixing: an EXP3 bandit over topics rewarded by training loss) or `skillit` (Skill-It's online rule with the topic graph as its skills graph: topics whose neighbourhood has the highest training loss are drawn more)."""
     community_k: int = Field(default=2, ge=0)
     """Neighbour topics joined to the root topic in each batch community."""
     grad_topk: float | None = Field(default=None, gt=0.0, le=1.0)

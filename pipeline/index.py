@@ -28,7 +28,7 @@ from retrieval.corpus import CorpusSpec, load_documents
 from retrieval.embed import Embedder, embed_in_shards, get_embedder, resolve_model_path
 from retrieval.embed import embed_shard as embed_one_shard
 from retrieval.graph import TopicGraph
-from retrieval.topics import auto_num_topics, ctfidf_keywords, heldout_mask, spherical_kmeans
+from retrieval.topics import auto_num_topics, ctfidf_keywords, group_assignments, heldout_mask, spherical_kmeans
 
 log = logging.getLogger("nucleus.index")
 
@@ -229,6 +229,8 @@ def _cluster(cfg: NucleusConfig, ws: Workspace, corpus, vectors: np.ndarray) -> 
         raise UserError(f"topics.num_topics: {k} topics need at least {k} passages; the corpus "
                         f"has {len(vectors)}. Lower topics.num_topics or unset it (auto).")
     centroids, assign = spherical_kmeans(vectors, k, cfg.topics.niter, cfg.seed)
+    if _group_by(cfg) == "title":
+        centroids, assign = group_assignments(vectors, centroids, list(corpus["title"]))
     n_topics = len(centroids)
     texts = [f"{t} {x}" for t, x in zip(corpus["title"], corpus["text"])]
     keywords = ctfidf_keywords(texts, assign, n_topics, cfg.topics.keywords)
@@ -270,6 +272,15 @@ def _build_graph(cfg: NucleusConfig, ws: Workspace) -> None:
     if isolated:
         log.warning("graph: %d topics have no edge (%s); raise graph.p or use graph.kind: knn",
                     len(isolated), isolated[:10])
+
+
+def _group_by(cfg: NucleusConfig) -> str:
+    """`topics.group_by` resolved: `auto` is `title` for a `nucleus synth` corpus, else `none`."""
+    if cfg.topics.group_by != "auto":
+        return cfg.topics.group_by
+    from retrieval.corpus import resolve_paths
+
+    return "title" if question_set.world_dir(resolve_paths(cfg.corpus.paths)) is not None else "none"
 
 
 def _known_world(cfg: NucleusConfig, ws: Workspace, corpus, steps_run: list[str]) -> float | None:

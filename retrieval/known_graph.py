@@ -315,7 +315,7 @@ def _documents(world: dict, spec: KnownGraphSpec, questions: list[dict], rng: ra
             for _ in range(spec.docs_per_entity):
                 doc(e, "bio", e["name"], _bio(rng, e, facts))
             if e["id"] in qa_by_person:
-                doc(e, "qa", f"Questions about {e['name']}",
+                doc(e, "qa", e["name"],  # titled like its biographies: one entity, one title
                     "\n".join(f"{q['prompt']} {q['answer']}" for q in qa_by_person[e["id"]]))
     return docs
 

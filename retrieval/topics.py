@@ -1,4 +1,5 @@
-"""Topics: spherical k-means over passage embeddings, c-TF-IDF keyword labels, held-out split."""
+"""Topics: spherical k-means over passage embeddings (optionally a title's passages together),
+c-TF-IDF keyword labels, held-out split."""
 
 from __future__ import annotations
 
@@ -48,6 +49,26 @@ def spherical_kmeans(vectors: np.ndarray, k: int, niter: int = 25,
     np.add.at(sums, remap[assign], vectors)
     centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     return centroids.astype(np.float32), remap[assign].astype(np.int64)
+
+
+def group_assignments(vectors: np.ndarray, centroids: np.ndarray, keys: list) -> tuple[np.ndarray, np.ndarray]:
+    """Passages with the same key (a title: one entity, one article) assigned together, to the
+    topic whose centroid is nearest their mean embedding; centroids recomputed as the normalised
+    means of their new members, topics left empty dropped. Returns (centroids, assignments)."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    assign = np.empty(len(vectors), dtype=np.int64)
+    for members in groups.values():
+        mean = vectors[members].mean(axis=0)
+        assign[members] = int(np.argmax(centroids @ mean))
+    used = np.unique(assign)
+    remap = np.full(len(centroids), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    assign = remap[assign]
+    sums = np.zeros((len(used), vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, assign, vectors)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32), assign
 
 
 def tokenize_words(text: str) -> list[str]:

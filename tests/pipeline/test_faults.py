@@ -122,6 +122,8 @@ CASES = [
     Case("unknown-key", ["train", *R, "--set", "lora.rnak=4"], ("`lora.rnak`", "Did you mean 'rank'")),
     Case("wrong-type", ["index", *R, "--set", "graph.k=many"], ("`graph.k`", "'many'")),
     Case("out-of-range", ["explore", *R, "--set", "explore.rounds=-1"], ("`explore.rounds`",)),
+    Case("group-by-not-a-choice", ["index", *R, "--set", "topics.group_by=entity"], ("`topics.group_by`", "'entity'")),
+    Case("sampler-typo", ["train", *R, "--set", "train.sampler=skilit"], ("train.sampler", "Did you mean 'skillit'")),
     Case("set-without-equals", ["index", *R, "--set", "graph.k"], ("--set", "graph.k")),
     Case("config-file-missing", ["index", *R, "--config", "{tmp}/nope.yaml"], ("nope.yaml",)),
     Case("config-file-bad-yaml", ["index", *R, "--config", "{tmp}/bad.yaml"], ("bad.yaml", "not valid YAML"),

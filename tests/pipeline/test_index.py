@@ -75,3 +75,10 @@ def test_retrieve_matches_brute_force_and_filters_by_topic(small_run):
 def test_small_sets_are_what_the_fixture_used(small_run):
     cfg = resolve_config(Workspace(small_run).stored_config())
     assert cfg == resolve_config(None, None, SMALL_SETS)
+
+
+def test_group_by_auto_is_title_only_for_a_synth_corpus():
+    assert index._group_by(resolve_config(None, None, SMALL_SETS)) == "none"  # WikiText articles
+    assert index._group_by(resolve_config(None, None, ["corpus.paths=[builtin:known-graph]"])) == "title"
+    assert index._group_by(resolve_config(None, None, ["corpus.paths=[builtin:known-graph]",
+                                                       "topics.group_by=none"])) == "none"

@@ -18,6 +18,15 @@ def test_run_on_the_known_graph_uses_its_seed_graph_and_reports_question_accurac
     out = json.loads(r.stdout)
     assert out["nucleate"]["method"] == "seed_graph"  # the corpus's own graph, with no --set for it
     assert 0.0 < out["index"]["topics_nmi"] <= 1.0
+    # topics.group_by=auto groups by title on a synth corpus: every entity's documents in one topic
+    import pyarrow.parquet as pq
+    from datasets import load_from_disk
+
+    topic_of = pq.read_table(run / "topics" / "assignments.parquet").column("topic_id").to_pylist()
+    by_title: dict[str, set[int]] = {}
+    for title, topic in zip(load_from_disk(str(run / "corpus"))["title"], topic_of):
+        by_title.setdefault(title, set()).add(topic)
+    assert all(len(t) == 1 for t in by_title.values()) and len(by_title) == 400
     assert sorted(p.name for p in (run / "qa").iterdir()) == sorted(
         ["questions.jsonl", "seed_graph.yaml", "graph.json", "manifest.json", "topics.json"])
     rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -1,7 +1,7 @@
 import numpy as np
 
 from retrieval.graph import GRAPH_BUILDERS, TopicGraph
-from retrieval.topics import auto_num_topics, ctfidf_keywords, heldout_mask, spherical_kmeans
+from retrieval.topics import auto_num_topics, ctfidf_keywords, group_assignments, heldout_mask, spherical_kmeans
 
 
 def test_kmeans_assigns_each_passage_to_its_nearest_centroid(small_run):
@@ -12,6 +12,18 @@ def test_kmeans_assigns_each_passage_to_its_nearest_centroid(small_run):
     nearest = np.argmax(vectors @ centroids.T, axis=1)
     assert np.mean(nearest == assign) > 0.97  # recomputed centroids may flip a borderline few
     assert set(assign) == set(range(6))
+
+
+def test_passages_that_share_a_title_go_together_to_the_topic_nearest_their_mean():
+    centroids = np.eye(3, dtype=np.float32)
+    vectors = np.array([[1, 0, 0], [0.2, 0.9, 0], [0, 0.7, 0.7], [0, 0.1, 1]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # "a": nearest 0 and 1 alone, mean nearest 0; "b": 1 and 2 alone, mean nearest 2 -> topic 1 empties
+    new_centroids, assign = group_assignments(vectors, centroids, ["a", "a", "b", "b"])
+    assert assign.tolist() == [0, 0, 1, 1]  # two topics left, relabelled 0..1
+    expected = vectors[:2].sum(0) / np.linalg.norm(vectors[:2].sum(0))
+    np.testing.assert_allclose(new_centroids[0], expected, rtol=1e-6)
+    assert new_centroids.shape == (2, 3)
 
 
 def test_auto_num_topics_grows_with_the_corpus():
