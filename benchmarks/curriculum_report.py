@@ -30,11 +30,12 @@ from pathlib import Path
 BASELINE = "uniform"
 
 
-def tokens_to_target(curve: list[dict], key: str, target: float) -> float | None:
-    """Tokens at which `curve[key]` first falls to `target` or below, interpolated; None if never."""
+def tokens_to_target(curve: list[dict], key: str, target: float, higher: bool = False) -> float | None:
+    """Tokens at which `curve[key]` first falls to `target` or below (rises to it or above, with
+    `higher`: an accuracy), interpolated; None if never."""
     prev = None
     for point in curve:
-        if point[key] <= target:
+        if (point[key] >= target) if higher else (point[key] <= target):
             if prev is None or prev[key] == point[key]:
                 return float(point["tokens"])
             frac = (prev[key] - target) / (prev[key] - point[key])
@@ -43,9 +44,10 @@ def tokens_to_target(curve: list[dict], key: str, target: float) -> float | None
     return None
 
 
-def ratios(rows: list[dict], key: str) -> dict[tuple[int, str], tuple[float, bool]]:
+def ratios(rows: list[dict], key: str, higher: bool = False) -> dict[tuple[int, str], tuple[float, bool]]:
     """(R, reached) per (seed, arm) against the uniform arm of the same seed, on curve metric
-    `key`; `reached` is False where R was measured at the arm's own final perplexity."""
+    `key` (lower is better, or higher with `higher`); `reached` is False where R was measured at
+    the arm's own final value."""
     out = {}
     for seed in sorted({r["seed"] for r in rows}):
         mine = {r["arm"]: r for r in rows if r["seed"] == seed}
@@ -54,11 +56,14 @@ def ratios(rows: list[dict], key: str) -> dict[tuple[int, str], tuple[float, boo
         base = mine[BASELINE]["curve"]
         for arm, row in mine.items():
             target, reached = base[-1][key], True
-            t = tokens_to_target(row["curve"], key, target)
-            if t is None:  # never that low: compare where both curves get, the arm's final value
+            t = tokens_to_target(row["curve"], key, target, higher)
+            if t is None:  # never that far: compare where both curves get, the arm's final value
                 target, reached = row["curve"][-1][key], False
-                t = tokens_to_target(row["curve"], key, target)
-            out[(seed, arm)] = (tokens_to_target(base, key, target) / t, reached)
+                t = tokens_to_target(row["curve"], key, target, higher)
+            # uniform gets to either target by its last point at the latest; an arm already there
+            # at token 0 (a target at chance level) needs no tokens at all
+            t_base = tokens_to_target(base, key, target, higher)
+            out[(seed, arm)] = (t_base / t if t else float("inf"), reached)
     return out
 
 

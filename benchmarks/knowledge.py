@@ -630,7 +630,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of each community adapter")
-    p.add_argument("--lora-lr", type=float, default=2e-3)
+    p.add_argument("--lora-lr", type=float, default=5e-3, help="the product's lora.lr default")
     r = sub.add_parser("run", help="every (seed, arm), then the comparison")
     r.add_argument("--bundle", type=Path, required=True)
     r.add_argument("--arms", nargs="+", default=list(ARMS) + ["nucleus:policy=random"])

@@ -111,12 +111,20 @@ def tokenize_questions(tokenizer, questions: list[dict]) -> QuestionBatch:
     return QuestionBatch(sequences, starts, np.asarray(owner), np.asarray(truth), groups)
 
 
-def question_accuracy(model: nn.Module, batch: QuestionBatch, batch_size: int, device: torch.device, pad_id: int,
-                      autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """`qa/acc` (the true answer has the highest log-likelihood among the candidates), `qa/em`
-    (greedy decoding from the prompt reproduces the answer's tokens), per hop count and distance
-    from the nucleus (`qa/acc_2hop`, `qa/acc_far`, ...), and `qa/answer_ppl` (perplexity of the
-    true answers). Deterministic: no sampling."""
+@dataclass
+class QuestionScores:
+    """Per question: whether the true answer ranks first (`correct`), whether greedy decoding
+    reproduces it (`exact`), and the true answer's summed NLL and token count."""
+
+    correct: np.ndarray
+    exact: np.ndarray
+    answer_nll: np.ndarray
+    answer_tokens: np.ndarray
+
+
+def question_scores(model: nn.Module, batch: QuestionBatch, batch_size: int, device: torch.device, pad_id: int,
+                    autocast_dtype: torch.dtype | None = None) -> QuestionScores:
+    """Score every question of `batch` (see `question_accuracy`). Deterministic: no sampling."""
     n = len(batch.sequences)
     score, greedy_ok = np.zeros(n), np.zeros(n, bool)
     nll, count = np.zeros(n), np.zeros(n)
@@ -143,11 +151,24 @@ def question_accuracy(model: nn.Module, batch: QuestionBatch, batch_size: int, d
     correct = (true_score >= best) & (ties == 0)
     em = np.zeros(n_q, bool)
     em[batch.question[batch.is_answer]] = greedy_ok[batch.is_answer]
+    ans_nll, ans_count = np.zeros(n_q), np.zeros(n_q)
+    ans_nll[batch.question[batch.is_answer]] = nll[batch.is_answer]
+    ans_count[batch.question[batch.is_answer]] = count[batch.is_answer]
+    return QuestionScores(correct, em, ans_nll, ans_count)
+
+
+def question_accuracy(model: nn.Module, batch: QuestionBatch, batch_size: int, device: torch.device, pad_id: int,
+                      autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """`qa/acc` (the true answer has the highest log-likelihood among the candidates), `qa/em`
+    (greedy decoding from the prompt reproduces the answer's tokens), per hop count and distance
+    from the nucleus (`qa/acc_2hop`, `qa/acc_far`, ...), and `qa/answer_ppl` (perplexity of the
+    true answers). Deterministic: no sampling."""
+    sc = question_scores(model, batch, batch_size, device, pad_id, autocast_dtype)
+    n_q = len(sc.correct)
     out = {}
     for key, sel in batch.groups.items():
-        out[f"qa/acc{key}"] = float(correct[sel].mean())
-    out["qa/em"] = float(em.mean()) if n_q else float("nan")
-    ans = batch.is_answer
-    out["qa/answer_ppl"] = _ppl(nll[ans].sum(), count[ans].sum())
+        out[f"qa/acc{key}"] = float(sc.correct[sel].mean())
+    out["qa/em"] = float(sc.exact.mean()) if n_q else float("nan")
+    out["qa/answer_ppl"] = _ppl(sc.answer_nll.sum(), sc.answer_tokens.sum())
     out["qa/chance"] = float(np.mean(1.0 / np.bincount(batch.question))) if n_q else float("nan")
     return out
