@@ -202,10 +202,21 @@ class TrainConfig(Section):
     """`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto` = bf16 autocast on GPU, fp32 on CPU."""
+    compile: bool | Literal["auto"] = "auto"
+    """`torch.compile` the training forward and loss: `true`, `false`, or `auto` (on a GPU for trainings of at least 200 steps, where the one-off compilation pays; never on CPU)."""
     eval_batch_size: int = Field(default=16, ge=1)
     """Held-out passages per evaluation batch."""
     tensorboard: bool = False
     """Also write TensorBoard event files to logs/tb (needs the tensorboard package)."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, v: Any) -> bool | str:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ValueError("must be true, false or auto")
 
     @field_validator("sampler")
     @classmethod

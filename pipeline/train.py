@@ -336,7 +336,18 @@ def fit_settings(cfg: NucleusConfig, steps: int, lr: float, device: torch.device
         steps=steps, lr=lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
         warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_topk=t.grad_topk, replay_fraction=cfg.lora.replay_fraction if replay else 0.0,
-        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device))
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device),
+        compile=use_compile(cfg, device, steps))
+
+
+COMPILE_MIN_STEPS = 200  # below this the one-off compilation (tens of seconds) does not pay for itself
+
+
+def use_compile(cfg: NucleusConfig, device: torch.device, steps: int) -> bool:
+    """`train.compile` resolved: `auto` compiles on a GPU for trainings of at least 200 steps."""
+    if cfg.train.compile == "auto":
+        return device.type == "cuda" and steps >= COMPILE_MIN_STEPS
+    return bool(cfg.train.compile)
 
 
 def _tensorboard_writer():

@@ -19,6 +19,7 @@ does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,8 @@ def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = True, force:
              len(members), len(blocks), cfg.train.block_size, cfg.lora.shared_rank, cfg.lora.rank)
 
     settings = fit_settings(cfg, cfg.lora.steps * len(members), cfg.lora.lr, device, replay=False)
+    # switching the active expert between batches changes the graph: compiled, it would recompile
+    settings = dataclasses.replace(settings, compile=False)
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, lambda: GroupBatches(blocks.topics, cfg.train.batch_size, seed=cfg.seed), settings,
                  device, checkpoint_dir=ws.root / "checkpoints" / CHECKPOINT, resume=resume and not force,

@@ -50,6 +50,7 @@ class FitSettings:
     checkpoint_every: int = 50
     log_every: int = 10
     autocast_dtype: torch.dtype | None = None
+    compile: bool = False  # torch.compile the training forward (and its loss); evaluation stays eager
 
 
 @dataclass
@@ -199,6 +200,12 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     replay_on = (replay.tokens.to(device), replay.mask.to(device)) if n_replay else None
     block_len = blocks.mask.sum(1).numpy()
     replay_len = replay.mask.sum(1).numpy() if n_replay else None
+    # Blocks without padding need no attention mask: the model then takes SDPA's causal path
+    # (flash attention on GPU) instead of building a dense mask per step.
+    padded = bool((block_len < blocks.tokens.shape[1]).any() or
+                  (n_replay and (replay_len < replay.tokens.shape[1]).any()))
+    # Static shapes (every micro-batch is batch_size x block_size), so compilation happens once.
+    forward = torch.compile(model, dynamic=False) if s.compile else model
 
     def next_batch() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
         idx = next(sampler)[: s.batch_size - n_replay]
@@ -224,7 +231,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                 on_batch(idx)
             labels = ids.masked_fill(~mask, -100)
             with autocast:
-                out = model(input_ids=ids, attention_mask=mask.long(), labels=labels)
+                out = forward(input_ids=ids, attention_mask=mask.long() if padded else None, labels=labels)
             loss = out.loss
             if observe is not None:  # the sampled blocks only, not the replay rows behind them
                 observe(idx, row_losses(out.logits[: len(idx)], labels[: len(idx)]))
