@@ -2,14 +2,21 @@
 
 Same model (a scratch preset built from config, same init), same packed blocks, same batch,
 same optimizer (AdamW, cosine schedule, warm-up, clipping), same number of steps; arms run
-alternately, each on a fresh copy of the model. Three arms:
+alternately, each on a fresh copy of the model. Four arms:
 
-  hf_trainer         transformers.Trainer over the blocks (what a user would write)
-  nucleus_uniform    pipeline.trainer.fit with the uniform block sampler
-  nucleus_community  pipeline.trainer.fit with the community-traversal sampler
+  hf_trainer         transformers.Trainer over the blocks, given its best settings: bf16, fused
+                     AdamW, SDPA attention, no attention mask on full blocks, and with
+                     `--compile` its `torch_compile=True`
+  nucleus_uniform    pipeline.trainer.fit with the uniform block sampler (with `--compile`,
+                     `train.compile`: the training forward and loss compiled)
+  nucleus_eager      the same, never compiled: what compilation buys
+  nucleus_community  pipeline.trainer.fit with the community-traversal sampler (compiled like
+                     nucleus_uniform)
 
-Reports tokens/s per arm, the ratios nucleus/hf and community/uniform, and on GPU the model
-FLOPs utilisation (MFU: 6*N + 12*L*d*T FLOPs per token against the bf16 dense peak).
+Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
+arm's final training loss (the compiled path must match the eager one), and on GPU the model
+FLOPs utilisation (MFU: 6*N + 12*L*d*T FLOPs per token against 989 TFLOP/s, the H100/H200
+dense bf16 peak). The warm-up pass of every arm (compilation included) is not timed.
 
     python benchmarks/train_throughput.py --data ../shared/data/wikitext-2/train.txt \
         --preset tiny --steps 30 --batch-size 16 --block-size 128           # CPU
@@ -62,7 +69,7 @@ def flops_per_token(model, block: int) -> float:
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * block
 
 
-def run_hf(model, blocks, args, device, bf16: bool) -> float:
+def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, float]:
     from transformers import Trainer, TrainingArguments
 
     class BlockDataset(torch.utils.data.Dataset):
@@ -71,32 +78,40 @@ def run_hf(model, blocks, args, device, bf16: bool) -> float:
 
         def __getitem__(self, i):
             ids, mask = blocks.tokens[i], blocks.mask[i]
-            return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+            row = {"input_ids": ids, "labels": ids.masked_fill(~mask, -100)}
+            if not full:  # a mask only where there is padding: full blocks take SDPA's causal path
+                row["attention_mask"] = mask.long()
+            return row
 
+    full = bool(blocks.mask.all())
     targs = TrainingArguments(
         output_dir="/tmp/nucleus-bench-hf", per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup, weight_decay=0.01,
         max_grad_norm=1.0, adam_beta2=0.95, bf16=bf16, logging_strategy="no", save_strategy="no",
-        report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=device.type == "cpu")
+        report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=device.type == "cpu",
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", torch_compile=args.compile,
+        dataloader_pin_memory=device.type == "cuda")
     trainer = Trainer(model=model, args=targs, train_dataset=BlockDataset())
     t0 = time.perf_counter()
-    trainer.train()
+    out = trainer.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, float(out.training_loss)
 
 
-def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph) -> float:
+def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool) -> tuple[float, float]:
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
-                           eval_every=10**9, checkpoint_every=10**9, log_every=10**9,
-                           autocast_dtype=torch.bfloat16 if bf16 else None)
+                           eval_every=10**9, checkpoint_every=10**9, log_every=max(1, args.steps // 10),
+                           autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled)
     make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, 0))  # noqa: E731
     model.to(device)
+    rows = []
     t0 = time.perf_counter()
-    fit(model, blocks, make, settings, device)
+    fit(model, blocks, make, settings, device, log=rows.append)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    # the mean training loss over the run, as Trainer's `training_loss` reports it
+    return time.perf_counter() - t0, sum(r["train/loss"] for r in rows) / len(rows)
 
 
 def main() -> None:
@@ -112,6 +127,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile in hf_trainer and the nucleus arms")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
 
@@ -128,26 +144,31 @@ def main() -> None:
     print(f"device={device} preset={args.preset} params={count_parameters(base):,} blocks={len(blocks)} "
           f"topics={max(topics) + 1} batch={args.batch_size}x{args.block_size} steps={args.steps}", flush=True)
 
+    c = args.compile
     arms = {
         "hf_trainer": lambda m: run_hf(m, blocks, args, device, bf16),
-        "nucleus_uniform": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph),
-        "nucleus_community": lambda m: run_nucleus(m, blocks, args, device, bf16, "community", graph),
+        "nucleus_uniform": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c),
+        "nucleus_eager": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, False),
+        "nucleus_community": lambda m: run_nucleus(m, blocks, args, device, bf16, "community", graph, c),
     }
-    for fn in arms.values():  # warm-up: kernels, allocator, tokenizer caches
+    for fn in arms.values():  # warm-up: compilation, kernels, allocator, tokenizer caches
         fn(copy.deepcopy(base))
     rates: dict[str, list[float]] = {k: [] for k in arms}
+    losses: dict[str, list[float]] = {k: [] for k in arms}
     for r in range(args.repeats):
         order = list(arms) if r % 2 == 0 else list(reversed(arms))  # alternate to cancel drift
         for name in order:
-            seconds = arms[name](copy.deepcopy(base))
+            seconds, loss = arms[name](copy.deepcopy(base))
             rates[name].append(args.steps * tokens_per_step / seconds)
-            print(f"  repeat {r} {name:<18} {rates[name][-1]:>12,.0f} tokens/s", flush=True)
+            losses[name].append(loss)
+            print(f"  repeat {r} {name:<18} {rates[name][-1]:>12,.0f} tokens/s  mean loss {loss:.4f}", flush=True)
 
     med = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"device": torch.cuda.get_device_name() if bf16 else "cpu", "preset": args.preset,
+    out = {"device": torch.cuda.get_device_name() if bf16 else "cpu", "preset": args.preset, "compile": c,
            "params": count_parameters(base), "batch": args.batch_size, "block": args.block_size,
-           "steps": args.steps, "repeats": args.repeats, "tokens_per_s": med,
+           "steps": args.steps, "repeats": args.repeats, "tokens_per_s": med, "rates": rates, "mean_loss": losses,
            "ratio_nucleus_vs_hf": med["nucleus_uniform"] / med["hf_trainer"],
+           "ratio_compiled_vs_eager": med["nucleus_uniform"] / med["nucleus_eager"],
            "ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"]}
     if bf16:
         name = out["device"]

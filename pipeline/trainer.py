@@ -207,13 +207,21 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     # Static shapes (every micro-batch is batch_size x block_size), so compilation happens once.
     forward = torch.compile(model, dynamic=False) if s.compile else model
 
+    def on_device(idx: np.ndarray) -> torch.Tensor:
+        """Block indices for a gather on the device. From pinned memory the copy is asynchronous:
+        a plain (pageable) copy would make the host wait for the GPU's queue at every step."""
+        t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
     def next_batch() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
         idx = next(sampler)[: s.batch_size - n_replay]
-        ids, mask = tokens_on[0][idx], tokens_on[1][idx]
+        at = on_device(idx)
+        ids, mask = tokens_on[0][at], tokens_on[1][at]
         n = int(block_len[idx].sum())
         if replay_sampler is not None:
             r = next(replay_sampler)[:n_replay]
-            ids, mask = torch.cat([ids, replay_on[0][r]]), torch.cat([mask, replay_on[1][r]])
+            at = on_device(r)
+            ids, mask = torch.cat([ids, replay_on[0][at]]), torch.cat([mask, replay_on[1][at]])
             n += int(replay_len[r].sum())
         return idx, ids, mask, n
 
