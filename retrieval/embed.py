@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +70,62 @@ class Embedder:
         return int(self.model.get_embedding_dimension())
 
     def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
-        """(len(texts), dim) float32, unit length (cosine = inner product)."""
-        vecs = self.model.encode(texts, batch_size=batch_size or self.batch_size,
-                                 convert_to_numpy=True, normalize_embeddings=True,
-                                 show_progress_bar=False)
-        return np.ascontiguousarray(vecs, dtype=np.float32)
+        """(len(texts), dim) float32, unit length (cosine = inner product); the same vectors as
+        `SentenceTransformer.encode(..., normalize_embeddings=True)`, computed faster:
+
+        - texts sorted by length (as sentence-transformers sorts them) and cut into batches by a
+          token budget (about `batch_size` passages of `TOKENS_PER_PASSAGE` tokens), so short
+          passages go in large batches and padding stays small;
+        - each batch tokenised and padded in a background thread (into pinned memory on a GPU)
+          while the model runs the batch before it: tokenisation leaves the GPU's critical path;
+        - the vectors stay on the device until the last batch: one copy back per call (a shard),
+          not one synchronising copy per batch."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batches = _token_budget_batches(texts, (batch_size or self.batch_size) * TOKENS_PER_PASSAGE)
+        device = torch.device(self.device)
+        pin = device.type == "cuda"
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # sentence-transformers 6.1+ / older
+
+        def features(idx: np.ndarray) -> dict:
+            feats = prepare([texts[i] for i in idx])
+            return {k: (v.pin_memory() if pin and isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)
+        self.model.eval()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleus-tokenize") as pool:
+            ahead = deque(pool.submit(features, b) for b in batches[:PREFETCH])
+            for n, idx in enumerate(batches):
+                feats = ahead.popleft().result()
+                if n + PREFETCH < len(batches):
+                    ahead.append(pool.submit(features, batches[n + PREFETCH]))
+                feats = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                         for k, v in feats.items()}
+                with torch.inference_mode():
+                    emb = self.model(feats)["sentence_embedding"]
+                out[torch.from_numpy(idx).to(device)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+
+
+TOKENS_PER_PASSAGE = 128  # the token budget of a batch is batch_size x this
+PREFETCH = 2  # batches tokenised ahead of the model
+
+
+def _token_budget_batches(texts: list[str], budget: int) -> list[np.ndarray]:
+    """Indices of `texts`, longest first, in batches of at most `budget` padded tokens (a
+    batch's size times its longest text, in tokens estimated at 4 characters each; at least one
+    text per batch). The estimate only sizes batches: what is embedded is the real tokenisation."""
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    order = np.argsort(-lengths, kind="stable")
+    est = lengths[order] // 4 + 2  # special tokens
+    batches, i = [], 0
+    while i < len(order):
+        k = max(1, int(budget // max(int(est[i]), 1)))
+        batches.append(order[i:i + k])
+        i += k
+    return batches
 
 
 @functools.lru_cache(maxsize=2)
