@@ -22,6 +22,7 @@ from jobs import worker as worker_service
 from jobs.executor import InlineExecutor, open_executor
 from jobs.executor import check_options as check_executor_options
 from pipeline import adapters as adapters_stage
+from pipeline import distributed
 from pipeline import explore as explore_stage
 from pipeline import index as index_stage
 from pipeline import nucleate as nucleate_stage
@@ -129,6 +130,14 @@ def _stage(command: str, run_dir: Path, config: Path | None, sets: list[str] | N
     before anything is written: the directory is a run (or new), the config is valid and not
     stale, and the stage's own `check` (paths, devices, the model's limits) passes. Then the
     config is stored and the command logged; a rejection before the first artifact undoes that."""
+    if distributed.world_size() > 1:  # under torchrun: see pipeline/distributed.py
+        if command != "train":
+            raise UserError(f"`nucleus {command}` runs in one process; only `nucleus train` (the nucleus or "
+                            f"one neighbourhood adapter) runs data-parallel under torchrun.")
+        if not distributed.is_main():  # rank 0 checks and keeps the records; the others only train
+            ws = Workspace(run_dir)
+            yield _resolve(ws, config, sets), ws
+            return
     ws = Workspace(run_dir)
     ws.check_run_dir()
     cfg = _resolve(ws, config, sets)
@@ -262,12 +271,16 @@ def train(run_dir: RunDir,
             else:
                 train_stage.check(cfg, ws, neighborhood, nb_topics, force, resume)
 
+        if joint and distributed.world_size() > 1:
+            raise UserError("train --joint runs in one process (it switches experts between batches); "
+                            "launch it without torchrun.")
         with _stage("train", run_dir, config, set_, force, check) as (cfg, ws):
             if joint:
                 result = train_joint.train_jointly(cfg, ws, resume=resume, force=force)
             else:
                 result = STAGES["train"](cfg, ws, neighborhood, nb_topics, resume=resume, force=force)
-        _emit(result.to_json(), json_, _joint_human if joint else _train_human)
+        if distributed.is_main():
+            _emit(result.to_json(), json_, _joint_human if joint else _train_human)
 
 
 def _joint_human(r: dict) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
-from pipeline import __version__, metrics_log, question_set
+from pipeline import __version__, distributed, metrics_log, question_set
 from pipeline import nucleate as nucleate_stage
 from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import UserError, did_you_mean, reading
@@ -105,6 +105,10 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
     if resume and not force:
         checkpoint_step(ws.root / "checkpoints" / nb.id)  # a damaged one is named now, not after setup
     check_model(cfg, ws)
+    replay_rows = int(round(cfg.lora.replay_fraction * cfg.train.batch_size)) if nb.id != NUCLEUS else 0
+    problem = distributed.check_batch(cfg.train.batch_size, replay_rows)
+    if problem:
+        raise UserError(f"train: {problem} (under torchrun every process trains its share of each batch).")
 
 
 def check_model(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
@@ -130,7 +134,7 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     """Train (or skip, when done with this config) one neighbourhood. An interrupted training
     resumes from its checkpoint unless `resume` is False or `force` redoes it."""
     ws.require("nucleate", "train")
-    nb = resolve_neighborhood(ws, neighborhood or NUCLEUS, topics, force)
+    nb = resolve_neighborhood(ws, neighborhood or NUCLEUS, topics, force, save=distributed.is_main())
     if nb.id != NUCLEUS and not ws.is_complete("train"):
         # Every adapter trains on top of the nucleus-trained base: make it first.
         log.info("train %s: the nucleus is not trained yet; training it first", nb.id)
@@ -139,11 +143,12 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     if done is not None and not force:
         return done
     data = RunData.load(ws)
-    device = resolve_device(cfg.train.device)
+    device = distributed.init(resolve_device(cfg.train.device))  # this rank's, under torchrun
     model, tokenizer, kind = _setup_model(cfg, ws, nb, data, device)
     blocks, replay, eval_set = _setup_data(cfg, ws, nb, data, tokenizer)
     result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, eval_set, device, kind, resume and not force)
-    _save(cfg, ws, nb, model, tokenizer, kind, result)
+    if distributed.is_main():  # one writer: the other ranks trained the same model
+        _save(cfg, ws, nb, model, tokenizer, kind, result)
     return result
 
 
@@ -216,7 +221,8 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
             model, kind = build_scratch_model(tokenizer, cfg.model.size, cfg.seed), "full"
         else:
             model, tokenizer = load_pretrained(cfg.model.base, cfg.model.trust_remote_code)
-            save_base(model, tokenizer, base_dir)
+            if distributed.is_main():
+                save_base(model, tokenizer, base_dir)
             kind = "lora"
     else:
         model, tokenizer = load_pretrained(str(base_dir))
@@ -302,9 +308,11 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
     elif (checkpoints / "latest").is_dir():
         log.info("train %s: starting over; the checkpoint in %s is %s", nb.id, checkpoints,
                  "discarded (--restart or --force)" if not resume else "of another config, discarded")
-    metrics_log.drop_after(metrics_file, nb.id, start if start is not None else -1)  # no row twice
-    before = evaluate_fn(model)
-    if start is None:
+    main = distributed.is_main()  # rank 0 alone evaluates and logs (fit does the same)
+    if main:
+        metrics_log.drop_after(metrics_file, nb.id, start if start is not None else -1)  # no row twice
+    before = evaluate_fn(model) if main else {}
+    if start is None and main:
         log_metrics({"step": 0, "tokens": 0, **before})
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, sampler_for(blocks, 0), settings, device, evaluate=evaluate_fn,

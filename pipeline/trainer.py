@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.atomic import atomic_path, read_json, restore_aside
 from pipeline.errors import reading
 from pipeline.lm_data import Blocks
@@ -204,8 +205,16 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     # (flash attention on GPU) instead of building a dense mask per step.
     padded = bool((block_len < blocks.tokens.shape[1]).any() or
                   (n_replay and (replay_len < replay.tokens.shape[1]).any()))
+    # Several processes (torchrun): DDP averages the gradients of the ranks' shares of each batch.
+    wrapped, ddp = model, distributed.active()
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    main = distributed.is_main()  # only rank 0 logs, evaluates and checkpoints
+    log = log if main else None
     # Static shapes (every micro-batch is batch_size x block_size), so compilation happens once.
-    forward = torch.compile(model, dynamic=False) if s.compile else model
+    forward = torch.compile(wrapped, dynamic=False) if s.compile else wrapped
 
     def on_device(idx: np.ndarray) -> torch.Tensor:
         """Block indices for a gather on the device. From pinned memory the copy is asynchronous:
@@ -213,36 +222,42 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
-    def next_batch() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
+    def next_batch() -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, int, int]:
+        """(global batch, this rank's share of it, the share's tokens and mask, the global
+        batch's and the share's token counts): every rank draws the same global batch."""
         idx = next(sampler)[: s.batch_size - n_replay]
-        at = on_device(idx)
+        mine = distributed.share(idx)
+        at = on_device(mine)
         ids, mask = tokens_on[0][at], tokens_on[1][at]
-        n = int(block_len[idx].sum())
+        n, n_mine = int(block_len[idx].sum()), int(block_len[mine].sum())
         if replay_sampler is not None:
             r = next(replay_sampler)[:n_replay]
-            at = on_device(r)
+            r_mine = distributed.share(r)
+            at = on_device(r_mine)
             ids, mask = torch.cat([ids, replay_on[0][at]]), torch.cat([mask, replay_on[1][at]])
-            n += int(replay_len[r].sum())
-        return idx, ids, mask, n
+            n, n_mine = n + int(replay_len[r].sum()), n_mine + int(replay_len[r_mine].sum())
+        return idx, mine, ids, mask, n, n_mine
 
     autocast = (torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
     model.train()
     metrics: dict[str, float] = {}
     recent_loss = torch.zeros((), device=device)
     recent_n, last_loss = 0, float("nan")
-    bar = tqdm(total=s.steps, initial=step, desc=desc, unit="step", disable=None)
+    bar = tqdm(total=s.steps, initial=step, desc=desc, unit="step", disable=None if main else True)
     t0, tokens_at_t0 = time.perf_counter(), tokens
     while step < s.steps:
         for _ in range(s.grad_accum):
-            idx, ids, mask, n_tokens = next_batch()
+            idx, mine, ids, mask, n_tokens, n_mine = next_batch()
             if on_batch is not None:
                 on_batch(idx)
             labels = ids.masked_fill(~mask, -100)
             with autocast:
                 out = forward(input_ids=ids, attention_mask=mask.long() if padded else None, labels=labels)
             loss = out.loss
-            if observe is not None:  # the sampled blocks only, not the replay rows behind them
-                observe(idx, row_losses(out.logits[: len(idx)], labels[: len(idx)]))
+            if ddp:  # DDP averages the ranks' gradients: weigh each share by its tokens, so the
+                loss = loss * (n_mine * distributed.world_size() / n_tokens)  # result is the batch's mean
+            if observe is not None:  # the sampled blocks only (every rank's), not the replay rows
+                observe(idx, distributed.gather(row_losses(out.logits[: len(mine)], labels[: len(mine)])))
             (loss / s.grad_accum).backward()
             recent_loss += loss.detach()
             recent_n += 1
@@ -258,7 +273,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
 
         is_last = step == s.steps
         if step % s.log_every == 0 or is_last:
-            last_loss = float(recent_loss) / max(recent_n, 1)
+            last_loss = float(distributed.mean(recent_loss)) / max(recent_n, 1)  # every rank's
             elapsed = time.perf_counter() - t0
             tps = (tokens - tokens_at_t0) / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -267,12 +282,12 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                      "grad_norm": float(grad_norm), "tokens_per_s": tps})
             recent_loss.zero_()
             recent_n = 0
-        if evaluate is not None and (step % s.eval_every == 0 or is_last):
+        if evaluate is not None and main and (step % s.eval_every == 0 or is_last):
             metrics = evaluate(model)
             if log:
                 log({"step": step, "tokens": tokens, **metrics})
             model.train()
-        if step % s.checkpoint_every == 0 and not is_last:
+        if step % s.checkpoint_every == 0 and not is_last and main:
             ckpt.save(model, trained, opt, sched, step, tokens,
                       sampler.state_dict() if hasattr(sampler, "state_dict") else None)
     bar.close()

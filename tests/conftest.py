@@ -73,14 +73,16 @@ def nucleus(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def kill_at_checkpoint(args: list[str], state: Path, min_step: int, timeout: float = 120) -> int:
-    """Start `nucleus *args`, SIGKILL it once its checkpoint `state` (a state.json) records at
-    least `min_step` steps, and return that step (a real kill, not an exception)."""
+def kill_at_checkpoint(args: list[str], state: Path, min_step: int, timeout: float = 120,
+                       launcher: list[str] | None = None) -> int:
+    """Start `nucleus *args` (after `launcher`, e.g. torchrun's), SIGKILL it and every process it
+    started once its checkpoint `state` (a state.json) records at least `min_step` steps, and
+    return that step (a real kill, not an exception)."""
     import json
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+    proc = subprocess.Popen([*(launcher or [sys.executable]), "-m", "pipeline.cli", *args], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def step() -> int:  # the checkpoint directory is swapped by two renames: look again if caught between
@@ -97,8 +99,21 @@ def kill_at_checkpoint(args: list[str], state: Path, min_step: int, timeout: flo
     while time.time() < deadline and step() < min_step:
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
+    import psutil
+
+    # the process and everything it started (torchrun's workers run in sessions of their own)
+    family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    for pid in family[1:]:  # gone before the next command starts
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
     from pipeline.atomic import restore_aside
 
     restore_aside(state.parent)  # what the next command does first, if the kill fell between the renames
