@@ -48,6 +48,14 @@ def test_two_processes_train_the_model_one_process_trains(small_run, tmp_path):
     assert b["metrics"]["heldout/ppl"] == pytest.approx(a["metrics"]["heldout/ppl"], rel=1e-3)
     meta = json.loads((two / "meta.json").read_text())
     assert [c["command"] for c in meta["commands"]].count("train") == 1  # one record, by rank 0
+    # a neighbourhood adapter (peft LoRA under DDP) the same way
+    r1 = nucleus("train", "--run-dir", str(one), "-n", "topic-0", "--json", *SETS)
+    r2 = subprocess.run([*torchrun(2), "-m", "pipeline.cli", "train", "--run-dir", str(two), "-n", "topic-0",
+                         "--json", *SETS], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-3000:]
+    a, b = json.loads(r1.stdout), json.loads(r2.stdout)
+    assert b["metrics"]["nb/topic-0/ppl"] == pytest.approx(a["metrics"]["nb/topic-0/ppl"], rel=1e-3)
+    assert (two / "adapters" / "topic-0" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
