@@ -140,6 +140,27 @@ def export_bundle(run_dir: Path, bundle: Path) -> None:
 # ------------------------------------------------------------------------------ one arm
 
 
+def read_bundle(path: Path) -> tuple[dict, object, dict, object]:
+    """A bundle's info, tokenizer, arrays (`data.npz`) and full training blocks."""
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.lm_data import Blocks
+
+    info = json.loads((path / "bundle.json").read_text())
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+    z = np.load(path / "data.npz")
+    tokens = torch.from_numpy(z["blocks"].astype(np.int64))
+    blocks = Blocks(tokens, torch.ones_like(tokens, dtype=torch.bool), z["block_topics"].astype(np.int64))
+    return info, tok, z, blocks
+
+
+def sequences(z, prefix: str) -> list[list[int]]:
+    """Variable-length token sequences stored flat: `<prefix>_flat` cut at `<prefix>_offsets`."""
+    flat, off = z[f"{prefix}_flat"].astype(np.int64), z[f"{prefix}_offsets"]
+    return [flat[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+
+
 @dataclass
 class Bundle:
     info: dict
@@ -150,26 +171,18 @@ class Bundle:
 
     @classmethod
     def load(cls, path: Path) -> "Bundle":
-        import torch
-        from transformers import PreTrainedTokenizerFast
+        from pipeline.lm_data import EvalSet
 
-        from pipeline.lm_data import Blocks, EvalSet
-
-        info = json.loads((path / "bundle.json").read_text())
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-        z = np.load(path / "data.npz")
-        tokens = torch.from_numpy(z["blocks"].astype(np.int64))
-        blocks = Blocks(tokens, torch.ones_like(tokens, dtype=torch.bool), z["block_topics"].astype(np.int64))
-        flat, off = z["eval_flat"].astype(np.int64), z["eval_offsets"]
-        seqs = [flat[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
-        return cls(info, tok, blocks, EvalSet(seqs, z["eval_topics"].astype(np.int64)), z["centroids"])
+        info, tok, z, blocks = read_bundle(path)
+        return cls(info, tok, blocks, EvalSet(sequences(z, "eval"), z["eval_topics"].astype(np.int64)), z["centroids"])
 
 
-def parse_arm(spec: str) -> tuple[str, dict]:
-    """`name` or `name:key=value,key=value` -> (name, params); numbers become floats."""
+def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -> tuple[str, dict]:
+    """`name` or `name:key=value,key=value` -> (name, params); numbers become floats. `arms`
+    are the names, `allowed` the parameters each name takes (none when absent)."""
     name, _, rest = spec.partition(":")
-    if name not in ARMS:
-        raise SystemExit(f"unknown arm '{name}' in '{spec}': choose from {', '.join(ARMS)}")
+    if name not in arms:
+        raise SystemExit(f"unknown arm '{name}' in '{spec}': choose from {', '.join(arms)}")
     params = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
@@ -179,12 +192,16 @@ def parse_arm(spec: str) -> tuple[str, dict]:
             params[key] = float(value)
         except ValueError:
             params[key] = value
-    allowed = {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size", "expanding"},
-               "community": {"k"}}.get(name, set())
-    if set(params) - allowed:
-        raise SystemExit(f"arm '{spec}': unknown parameters {sorted(set(params) - allowed)}; "
-                         f"'{name}' takes {sorted(allowed) or 'none'}")
+    ok = allowed.get(name, set())
+    if set(params) - ok:
+        raise SystemExit(f"arm '{spec}': unknown parameters {sorted(set(params) - ok)}; "
+                         f"'{name}' takes {sorted(ok) or 'none'}")
     return name, params
+
+
+def parse_arm(spec: str) -> tuple[str, dict]:
+    return parse_spec(spec, ARMS, {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size",
+                                               "expanding"}, "community": {"k"}})
 
 
 @dataclass

@@ -75,7 +75,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import curriculum_report as report  # noqa: E402
 from benchmarks._procs import run_all  # noqa: E402
-from benchmarks.curriculum import Settings, _loss_fn, check_fair  # noqa: E402
+from benchmarks.curriculum import Settings, _loss_fn, check_fair, parse_spec, read_bundle, sequences  # noqa: E402
 
 ARMS = ("uniform", "stratified", "odm", "skillit", "nucleus", "random_subset", "hubs", "reverse")
 CURRICULA = {"nucleus", "random_subset", "hubs", "reverse"}
@@ -234,52 +234,25 @@ class Bundle:
 
     @classmethod
     def load(cls, path: Path) -> "Bundle":
-        import torch
-        from transformers import PreTrainedTokenizerFast
-
         from pipeline.evaluate import QuestionBatch
-        from pipeline.lm_data import Blocks, EvalSet
+        from pipeline.lm_data import EvalSet
 
-        info = json.loads((path / "bundle.json").read_text())
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-        z = np.load(path / "data.npz")
-        tokens = torch.from_numpy(z["blocks"].astype(np.int64))
-        blocks = Blocks(tokens, torch.ones_like(tokens, dtype=torch.bool), z["block_topics"].astype(np.int64))
-
-        def seqs(prefix: str) -> list[list[int]]:
-            flat, off = z[f"{prefix}_flat"].astype(np.int64), z[f"{prefix}_offsets"]
-            return [flat[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+        info, tok, z, blocks = read_bundle(path)
 
         def questions(prefix: str, groups: dict[str, np.ndarray]) -> QuestionBatch:
-            return QuestionBatch(seqs(prefix), z[f"{prefix}_start"].tolist(), z[f"{prefix}_question"].astype(np.int64),
-                                 z[f"{prefix}_truth"].astype(bool), groups)
+            return QuestionBatch(sequences(z, prefix), z[f"{prefix}_start"].tolist(),
+                                 z[f"{prefix}_question"].astype(np.int64), z[f"{prefix}_truth"].astype(bool), groups)
 
         hops, dist = np.asarray(info["question_hops"]), np.asarray(info["question_distance"])
         groups = {"": np.ones(len(hops), bool), "_1hop": hops == 1, "_2hop": hops == 2}
         groups.update({f"_{d}": dist == d for d in ("nucleus", "near", "far") if (dist == d).any()})
-        return cls(info, tok, blocks, EvalSet(seqs("eval"), z["eval_topics"].astype(np.int64)), z["centroids"],
+        return cls(info, tok, blocks, EvalSet(sequences(z, "eval"), z["eval_topics"].astype(np.int64)), z["centroids"],
                    questions("qh", groups), questions("qs", {"": np.ones(info["questions"]["seen"], bool)}))
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:
     """`name` or `name:key=value,...` -> (name, params); numbers become floats."""
-    name, _, rest = spec.partition(":")
-    if name not in ARMS:
-        raise SystemExit(f"unknown arm '{name}' in '{spec}': choose from {', '.join(ARMS)}")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"arm '{spec}': parameter '{item}' is not key=value")
-        try:
-            params[key] = float(value)
-        except ValueError:
-            params[key] = value
-    allowed = PARAMS if name in CURRICULA else set()
-    if set(params) - allowed:
-        raise SystemExit(f"arm '{spec}': unknown parameters {sorted(set(params) - allowed)}; "
-                         f"'{name}' takes {sorted(allowed) or 'none'}")
-    return name, params
+    return parse_spec(spec, ARMS, {name: PARAMS for name in CURRICULA})
 
 
 class HubPolicy:
