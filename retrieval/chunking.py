@@ -11,12 +11,18 @@ from collections.abc import Iterable, Iterator
 SENTENCE_END = {".", "!", "?", "\u3002"}
 
 
-def _word_lengths(tokenizer, words: list[str]) -> list[int]:
-    """Embedder tokens per word (one batched call: fast tokenizers do this in Rust)."""
+def _word_lengths(tokenizer, words: list[str], cache: dict[str, int] | None = None) -> list[int]:
+    """Embedder tokens per word. A word's length does not depend on its neighbours (the text is
+    split on whitespace first), so each distinct word is tokenised once: in one batched call,
+    and, with `cache`, once per corpus rather than once per document."""
     if not words:
         return []
-    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
-    return [max(1, len(x)) for x in ids]
+    cache = {} if cache is None else cache
+    new = list(dict.fromkeys(w for w in words if w not in cache))
+    if new:
+        ids = tokenizer(new, add_special_tokens=False)["input_ids"]
+        cache.update((w, max(1, len(x))) for w, x in zip(new, ids))
+    return [cache[w] for w in words]
 
 
 def _split_points(lengths: list[int], ends: list[bool], budget: int, min_tokens: int) -> list[int]:
@@ -48,8 +54,9 @@ def _split_points(lengths: list[int], ends: list[bool], budget: int, min_tokens:
 
 
 def chunk_document(title: str, text: str, tokenizer, max_tokens: int = 128,
-                   min_tokens: int = 24) -> Iterator[tuple[str, int]]:
-    """Yield (passage_text, n_tokens) for one document; n_tokens includes the title."""
+                   min_tokens: int = 24, cache: dict[str, int] | None = None) -> Iterator[tuple[str, int]]:
+    """Yield (passage_text, n_tokens) for one document; n_tokens includes the title. `cache`
+    (word -> tokens) carries word lengths from one document to the next."""
     title_tokens = len(tokenizer(title, add_special_tokens=False)["input_ids"]) + 1 if title else 0
     budget = max(8, max_tokens - title_tokens - 2)  # 2 = the model's [CLS] and [SEP]
     words: list[str] = []
@@ -63,7 +70,7 @@ def chunk_document(title: str, text: str, tokenizer, max_tokens: int = 128,
         ends.extend(w in SENTENCE_END or w[-1:] in SENTENCE_END for w in para_words)
         para_end.extend([False] * (len(para_words) - 1) + [True])
         ends[-1] = True
-    lengths = _word_lengths(tokenizer, words)
+    lengths = _word_lengths(tokenizer, words, cache)
     start = 0
     for cut in _split_points(lengths, ends, budget, min_tokens):
         if cut <= start:
@@ -83,9 +90,9 @@ def chunk_document(title: str, text: str, tokenizer, max_tokens: int = 128,
 def chunk_documents(docs: Iterable[dict], tokenizer, max_tokens: int = 128,
                     min_tokens: int = 24) -> Iterator[dict]:
     """Documents (doc_id, title, text) -> passages (passage_id, doc_id, title, text, n_tokens)."""
-    passage_id = 0
+    passage_id, cache = 0, {}  # word lengths, shared by the documents (a corpus repeats its words)
     for doc in docs:
-        for text, n_tokens in chunk_document(doc["title"], doc["text"], tokenizer, max_tokens, min_tokens):
+        for text, n_tokens in chunk_document(doc["title"], doc["text"], tokenizer, max_tokens, min_tokens, cache):
             yield {"passage_id": passage_id, "doc_id": doc["doc_id"], "title": doc["title"],
                    "text": text, "n_tokens": n_tokens}
             passage_id += 1
