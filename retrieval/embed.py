@@ -70,8 +70,19 @@ class Embedder:
         return int(self.model.get_embedding_dimension())
 
     def encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
-        """(len(texts), dim) float32, unit length (cosine = inner product); the same vectors as
-        `SentenceTransformer.encode(..., normalize_embeddings=True)`, computed faster:
+        """(len(texts), dim) float32, unit length (cosine = inner product): `encode_pipelined` on
+        a GPU; on a CPU `SentenceTransformer.encode` itself, which the pipelined path only
+        matches there (0.997x in RESULTS.md section 1: the CPU has no idle time to fill)."""
+        if self.device.startswith("cuda"):
+            return self.encode_pipelined(texts, batch_size)
+        vecs = self.model.encode(texts, batch_size=batch_size or self.batch_size,
+                                 convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False)
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def encode_pipelined(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        """The vectors of `SentenceTransformer.encode(..., normalize_embeddings=True)`, computed
+        with the GPU kept busy:
 
         - texts sorted by length (as sentence-transformers sorts them) and cut into batches by a
           token budget (about `batch_size` passages of `TOKENS_PER_PASSAGE` tokens), so short

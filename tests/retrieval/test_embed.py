@@ -12,13 +12,13 @@ def test_encode_equals_sentence_transformers_on_real_passages(wikitext_dir, embe
     for title, body in split_wikitext_articles((wikitext_dir / "valid.txt").read_text(encoding="utf-8"))[:8]:
         texts += [f"{title}\n{p.strip()[:400]}" for p in body.split("\n") if p.strip()]
     texts = texts[:150] + ["", "  padded  ", "word " * 600]  # empty, stripped, and over max_seq_length
-    ours = embedder.encode(texts, batch_size=16)
+    ours = embedder.encode_pipelined(texts, batch_size=16)  # the GPU path, run here on the CPU
     bare = embedder.model.encode(texts, batch_size=16, convert_to_numpy=True, normalize_embeddings=True,
                                  show_progress_bar=False)
     assert ours.shape == (len(texts), 384) and ours.dtype == np.float32
     assert float((ours * bare).sum(1).min()) >= 0.9999  # per passage, in the caller's order
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-5)
-    assert embedder.encode([]).shape == (0, 384)
+    assert embedder.encode_pipelined([]).shape == (0, 384)
 
 
 def test_batches_hold_a_token_budget_longest_first():
