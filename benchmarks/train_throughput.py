@@ -2,7 +2,7 @@
 
 Same model (a scratch preset built from config, same init), same packed blocks, same batch,
 same optimizer (AdamW, cosine schedule, warm-up, clipping), same number of steps; arms run
-alternately, each on a fresh copy of the model. Four arms:
+alternately, each on a fresh copy of the model. Five arms:
 
   hf_trainer         transformers.Trainer over the blocks, given its best settings: bf16, fused
                      AdamW, SDPA attention, no attention mask on full blocks, and with
@@ -12,6 +12,7 @@ alternately, each on a fresh copy of the model. Four arms:
   nucleus_eager      the same, never compiled: what compilation buys
   nucleus_community  pipeline.trainer.fit with the community-traversal sampler (compiled like
                      nucleus_uniform)
+  nucleus_chunked    nucleus_uniform with `train.loss: chunked` (no (tokens x vocab) logits kept)
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
 arm's final training loss (the compiled path must match the eager one), and on GPU the model
@@ -99,10 +100,11 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, float]:
     return time.perf_counter() - t0, float(out.training_loss)
 
 
-def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool) -> tuple[float, float]:
+def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
+                loss: str = "full") -> tuple[float, float]:
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
                            eval_every=10**9, checkpoint_every=10**9, log_every=max(1, args.steps // 10),
-                           autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled)
+                           autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled, loss=loss)
     make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, 0))  # noqa: E731
     model.to(device)
     rows = []
@@ -150,6 +152,7 @@ def main() -> None:
         "nucleus_uniform": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c),
         "nucleus_eager": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, False),
         "nucleus_community": lambda m: run_nucleus(m, blocks, args, device, bf16, "community", graph, c),
+        "nucleus_chunked": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, "chunked"),
     }
     for fn in arms.values():  # warm-up: compilation, kernels, allocator, tokenizer caches
         fn(copy.deepcopy(base))
@@ -169,7 +172,8 @@ def main() -> None:
            "steps": args.steps, "repeats": args.repeats, "tokens_per_s": med, "rates": rates, "mean_loss": losses,
            "ratio_nucleus_vs_hf": med["nucleus_uniform"] / med["hf_trainer"],
            "ratio_compiled_vs_eager": med["nucleus_uniform"] / med["nucleus_eager"],
-           "ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"]}
+           "ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"],
+           "ratio_chunked_vs_full": med["nucleus_chunked"] / med["nucleus_uniform"]}
     if bf16:
         name = out["device"]
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

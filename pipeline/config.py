@@ -204,6 +204,8 @@ class TrainConfig(Section):
     """`auto` = bf16 autocast on GPU, fp32 on CPU."""
     compile: bool | Literal["auto"] = "auto"
     """`torch.compile` the training forward and loss: `true`, `false`, or `auto` (on a GPU for trainings of at least 200 steps, where the one-off compilation pays; never on CPU)."""
+    loss: Literal["full", "chunked"] = "full"
+    """Training loss: `full` (the model's own: logits for every position) or `chunked` (the output layer and cross-entropy a few thousand positions at a time, recomputed in the backward pass: no (tokens x vocab) tensor is kept; Llama-style models)."""
     eval_batch_size: int = Field(default=16, ge=1)
     """Held-out passages per evaluation batch."""
     tensorboard: bool = False

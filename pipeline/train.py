@@ -125,6 +125,10 @@ def check_model(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
         raise UserError(f"train.block_size: {cfg.train.block_size} is above the model's context length "
                         f"({limit}). Set train.block_size <= {limit}.")
     check_target_modules(model, cfg.lora.target_modules)
+    if cfg.train.loss == "chunked" and (getattr(model, "get_decoder", None) is None or model.get_decoder() is None
+                                        or model.get_output_embeddings() is None):
+        raise UserError(f"train.loss: 'chunked' needs a decoder and an output embedding to apply to its hidden "
+                        f"states; {type(model).__name__} has no such pair. Use train.loss: full.")
     if cfg.train.tensorboard:
         _tensorboard_writer()
 
@@ -345,7 +349,7 @@ def fit_settings(cfg: NucleusConfig, steps: int, lr: float, device: torch.device
         warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_topk=t.grad_topk, replay_fraction=cfg.lora.replay_fraction if replay else 0.0,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device),
-        compile=use_compile(cfg, device, steps))
+        compile=use_compile(cfg, device, steps), loss=t.loss)
 
 
 COMPILE_MIN_STEPS = 200  # below this the one-off compilation (tens of seconds) does not pay for itself

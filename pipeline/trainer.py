@@ -29,6 +29,7 @@ from pipeline import distributed
 from pipeline.atomic import atomic_path, read_json, restore_aside
 from pipeline.errors import reading
 from pipeline.lm_data import Blocks
+from pipeline.loss import StepLoss
 
 log_fn = Callable[[dict], None]
 
@@ -52,6 +53,7 @@ class FitSettings:
     log_every: int = 10
     autocast_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the training forward (and its loss); evaluation stays eager
+    loss: str = "full"  # "full" (the model's own) or "chunked" (pipeline/loss.py)
 
 
 @dataclass
@@ -205,12 +207,13 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     # (flash attention on GPU) instead of building a dense mask per step.
     padded = bool((block_len < blocks.tokens.shape[1]).any() or
                   (n_replay and (replay_len < replay.tokens.shape[1]).any()))
-    # Several processes (torchrun): DDP averages the gradients of the ranks' shares of each batch.
-    wrapped, ddp = model, distributed.active()
-    if ddp:
+    # The step's loss as one module (pipeline/loss.py), so that DDP and torch.compile wrap all of it.
+    wrapped = StepLoss(model, s.loss, rows=observe is not None)
+    ddp = distributed.active()
+    if ddp:  # several processes (torchrun): DDP averages the gradients of the ranks' shares
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     main = distributed.is_main()  # only rank 0 logs, evaluates and checkpoints
     log = log if main else None
     # Static shapes (every micro-batch is batch_size x block_size), so compilation happens once.
@@ -252,12 +255,11 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                 on_batch(idx)
             labels = ids.masked_fill(~mask, -100)
             with autocast:
-                out = forward(input_ids=ids, attention_mask=mask.long() if padded else None, labels=labels)
-            loss = out.loss
+                loss, rows = forward(ids, mask.long() if padded else None, labels)
             if ddp:  # DDP averages the ranks' gradients: weigh each share by its tokens, so the
                 loss = loss * (n_mine * distributed.world_size() / n_tokens)  # result is the batch's mean
             if observe is not None:  # the sampled blocks only (every rank's), not the replay rows
-                observe(idx, distributed.gather(row_losses(out.logits[: len(mine)], labels[: len(mine)])))
+                observe(idx, distributed.gather(rows[: len(mine)].float().cpu().numpy()))
             (loss / s.grad_accum).backward()
             recent_loss += loss.detach()
             recent_n += 1

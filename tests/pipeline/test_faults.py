@@ -124,6 +124,7 @@ CASES = [
     Case("out-of-range", ["explore", *R, "--set", "explore.rounds=-1"], ("`explore.rounds`",)),
     Case("group-by-not-a-choice", ["index", *R, "--set", "topics.group_by=entity"], ("`topics.group_by`", "'entity'")),
     Case("compile-not-a-choice", ["train", *R, "--set", "train.compile=sometimes"], ("`train.compile`", "'sometimes'")),
+    Case("loss-not-a-choice", ["train", *R, "--set", "train.loss=fused"], ("`train.loss`", "'fused'")),
     Case("sampler-typo", ["train", *R, "--set", "train.sampler=skilit"], ("train.sampler", "Did you mean 'skillit'")),
     Case("set-without-equals", ["index", *R, "--set", "graph.k"], ("--set", "graph.k")),
     Case("config-file-missing", ["index", *R, "--config", "{tmp}/nope.yaml"], ("nope.yaml",)),

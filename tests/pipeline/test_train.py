@@ -311,3 +311,31 @@ def test_compile_auto_is_on_only_for_long_gpu_trainings():
     forced = resolve_config(None, None, ["train.compile=true"])
     assert use_compile(forced, torch.device("cpu"), 5)
     assert not use_compile(resolve_config(None, None, ["train.compile=false"]), torch.device("cuda"), 500)
+
+
+def test_chunked_loss_gives_the_full_losses_and_gradients():
+    """train.loss=chunked computes what the model's own loss computes, a chunk of positions at a
+    time (padding and peft LoRA included), and the same per-row losses the samplers learn from."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.loss import StepLoss
+    from pipeline.trainer import row_losses
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 16, (4, 8), generator=g)
+    labels = ids.masked_fill(torch.arange(8).expand(4, 8) >= 6, -100)  # two padded positions a row
+    for wrap in (False, True):
+        grads, results = [], []
+        for kind in ("full", "chunked"):
+            model = _tiny_lm()
+            if wrap:
+                model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+            loss, rows = StepLoss(model, kind, chunk_tokens=5, rows=True)(ids, None, labels)
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+            results.append((float(loss), rows))
+        assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    out = _tiny_lm()(input_ids=ids, labels=labels)
+    np.testing.assert_allclose(results[0][1].numpy(), row_losses(out.logits, labels), rtol=1e-5)
