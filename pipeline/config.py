@@ -118,6 +118,8 @@ class IndexConfig(Section):
 class SplitConfig(Section):
     heldout_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     """Fraction of each topic's passages held out for evaluation and never trained on."""
+    validation_fraction: float = Field(default=0.05, ge=0.0, lt=0.5)
+    """Fraction of each topic's passages set aside as the validation split: never trained on, read by the curiosity signals (a neighbourhood's learning progress, probes), so that choices made by them do not fit the held-out split every result is scored on. 0 = none (those signals then read the held-out split)."""
 
 
 class TopicsConfig(Section):

@@ -204,7 +204,7 @@ def _generative_holes(cfg: NucleusConfig, ctx: _Context, ledger: Ledger, round_:
     Holes already in the ledger (an interrupted round) are reused, not generated again."""
     done = {r["idx"]: r for r in ledger.rabbit_holes(round_, "generative")}
     rng = np.random.default_rng([cfg.seed, round_, 1])
-    with_text = set(np.unique(ctx.data.topic_of[~ctx.data.heldout]).tolist())
+    with_text = set(np.unique(ctx.data.topic_of[~ctx.data.heldout & ~ctx.data.validation]).tolist())
     sources = [t for t in sorted(explored) if t in with_text]
     if not sources:
         return []
@@ -268,8 +268,9 @@ def _features(cfg: NucleusConfig, ws: Workspace, ctx: _Context, candidates: list
                             ctx.keywords)
     rng = np.random.default_rng(cfg.seed)
     probes = {}
-    for t in candidates:
-        rows = ctx.data.train_rows([t])
+    for t in candidates:  # the topic's validation passages (its training ones when it has none)
+        rows = ctx.data.signal_rows([t]) if ctx.data.validation.any() else []
+        rows = rows or ctx.data.train_rows([t])
         probes[t] = sorted(rng.choice(rows, min(cfg.explore.probe_passages, len(rows)), replace=False).tolist())
 
     def losses(m, topics: list[int]) -> dict[int, float]:
@@ -324,9 +325,12 @@ def _train_and_learn(cfg: NucleusConfig, ws: Workspace, ledger: Ledger, policy, 
         ledger.set_passages(p["nb_id"], executor.wait([expand])[expand]["passages"])
         executor.wait([train])
         result = train_stage.run(cfg, ws, p["nb_id"])  # the job's adapter: its stored result
-        key = f"nb/{p['nb_id']}"
+        # measured on the validation split (`val/...`; the held-out keys for a run without one),
+        # so the curiosity model never learns from the split its comparisons are scored on
+        val = "val/" if f"val/nb/{p['nb_id']}/loss" in result.metrics else ""
+        key = f"{val}nb/{p['nb_id']}"
         before, after = result.metrics_before[f"{key}/loss"], result.metrics[f"{key}/loss"]
-        forgetting = result.metrics["nucleus/loss"] - result.metrics_before["nucleus/loss"]
+        forgetting = result.metrics[f"{val}nucleus/loss"] - result.metrics_before[f"{val}nucleus/loss"]
         progress = learning_progress(before, after, result.tokens)
         ledger.finish(p["nb_id"], progress, forgetting, result.tokens, before, after)
         p = {**p, "progress": progress}

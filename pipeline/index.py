@@ -28,7 +28,8 @@ from retrieval.corpus import CorpusSpec, load_documents
 from retrieval.embed import Embedder, embed_in_shards, get_embedder, resolve_model_path
 from retrieval.embed import embed_shard as embed_one_shard
 from retrieval.graph import TopicGraph
-from retrieval.topics import auto_num_topics, ctfidf_keywords, group_assignments, heldout_mask, spherical_kmeans
+from retrieval.topics import (auto_num_topics, ctfidf_keywords, group_assignments, heldout_mask, spherical_kmeans,
+                              validation_mask)
 
 log = logging.getLogger("nucleus.index")
 
@@ -235,7 +236,8 @@ def _cluster(cfg: NucleusConfig, ws: Workspace, corpus, vectors: np.ndarray) -> 
     texts = [f"{t} {x}" for t, x in zip(corpus["title"], corpus["text"])]
     keywords = ctfidf_keywords(texts, assign, n_topics, cfg.topics.keywords)
     heldout = heldout_mask(assign, cfg.split.heldout_fraction, cfg.seed)
-    split = np.where(heldout, "heldout", "train")
+    validation = validation_mask(assign, heldout, cfg.split.validation_fraction, cfg.seed)
+    split = np.where(heldout, "heldout", np.where(validation, "validation", "train"))
 
     # The held-out split lives in corpus/ (the `split` column); rewrite it with the real split.
     ds = corpus.remove_columns("split").add_column("split", split.tolist())
@@ -243,7 +245,7 @@ def _cluster(cfg: NucleusConfig, ws: Workspace, corpus, vectors: np.ndarray) -> 
     with atomic_path(ws.corpus_dir) as tmp:
         ds.save_to_disk(str(tmp))
         atomic_write_json(tmp / "provenance.json", {**provenance, "split_hash": section_hash(
-            cfg, STEP_SECTIONS["topics"]), "heldout": int(heldout.sum())})
+            cfg, STEP_SECTIONS["topics"]), "heldout": int(heldout.sum()), "validation": int(validation.sum())})
 
     ws.topics_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(ws.topics_dir / "centroids.npy") as tmp:
@@ -256,8 +258,9 @@ def _cluster(cfg: NucleusConfig, ws: Workspace, corpus, vectors: np.ndarray) -> 
         pq.write_table(table, tmp)
     sizes = np.bincount(assign, minlength=n_topics)
     held = np.bincount(assign[heldout], minlength=n_topics)
+    val = np.bincount(assign[validation], minlength=n_topics)
     topics = [{"id": t, "label": ", ".join(keywords[t][:3]), "keywords": keywords[t],
-               "size": int(sizes[t]), "heldout": int(held[t])} for t in range(n_topics)]
+               "size": int(sizes[t]), "heldout": int(held[t]), "validation": int(val[t])} for t in range(n_topics)]
     atomic_write_json(ws.topics_dir / "topics.json", {**_provenance(cfg, "topics"), "topics": topics})
     log.info("topics: %d topics (sizes %d-%d), %d held-out passages", n_topics, sizes.min(),
              sizes.max(), heldout.sum())

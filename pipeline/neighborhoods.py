@@ -49,7 +49,8 @@ class ExpansionInputs:
             vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
         with reading(ws.topics_dir / "centroids.npy", "numpy array"):
             centroids = np.load(ws.topics_dir / "centroids.npy")
-        return cls(np.asarray(table["topic_id"]), np.asarray(table["split"]) == "heldout", vectors, centroids,
+        # `heldout` here is "never trained on": the held-out and the validation splits
+        return cls(np.asarray(table["topic_id"]), np.asarray(table["split"]) != "train", vectors, centroids,
                    {t["id"]: t["keywords"] for t in topics}, open_retriever(cfg, ws))
 
 

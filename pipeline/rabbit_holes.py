@@ -1,7 +1,7 @@
 """Rabbit holes, the model side: probe trainings for walks, continuations for generative holes.
 
 A probe trains a fresh LoRA adapter on one topic for `explore.probe_steps` steps, with the
-same optimiser settings as a real neighbourhood, and measures the drop of the topic's held-out
+same optimiser settings as a real neighbourhood, and measures the drop of the topic's validation
 loss. Probe adapters live in memory only: they teach the curiosity model and are never saved,
 so `adapters/` keeps exactly one adapter per explored neighbourhood.
 """
@@ -26,7 +26,7 @@ from pipeline.trainer import fit
 @dataclass
 class ProbeResult:
     topic: int
-    progress: float  # held-out loss drop per 1k training tokens
+    progress: float  # validation loss drop per 1k training tokens
     tokens: int
     loss_before: float
     loss_after: float
@@ -35,9 +35,9 @@ class ProbeResult:
 def probe_training(cfg: NucleusConfig, base, tokenizer, data: RunData, topic: int,
                    device: torch.device) -> ProbeResult | None:
     """Train a throwaway adapter on `topic` (on a copy of `base`); None when the topic has no
-    training or no held-out passages to measure on."""
+    training or no validation passages to measure on."""
     rows = data.train_rows([topic])
-    held = np.flatnonzero((data.topic_of == topic) & data.heldout).tolist()
+    held = data.signal_rows([topic])  # the validation split: what the curiosity model learns from
     if not rows or not held:
         return None
     block_size, pad = cfg.train.block_size, tokenizer.pad_token_id

@@ -66,11 +66,14 @@ class TrainResult:
 
 @dataclass
 class RunData:
-    """What every training needs from the run directory: passages, their topics and split."""
+    """What every training needs from the run directory: passages, their topics and split.
+    Trainings read the `train` split only; results are scored on `heldout`; the curiosity
+    signals read `validation` (`signal_rows`)."""
 
     corpus: datasets.Dataset
     topic_of: np.ndarray
     heldout: np.ndarray
+    validation: np.ndarray
 
     @classmethod
     def load(cls, ws: Workspace) -> "RunData":
@@ -78,18 +81,26 @@ class RunData:
             table = pq.read_table(ws.topics_dir / "assignments.parquet").to_pydict()
         with reading(ws.corpus_dir, "datasets corpus"):
             corpus = datasets.load_from_disk(str(ws.corpus_dir))
-        return cls(corpus, np.asarray(table["topic_id"]),
-                   np.asarray(table["split"]) == "heldout")
+        split = np.asarray(table["split"])
+        return cls(corpus, np.asarray(table["topic_id"]), split == "heldout", split == "validation")
 
     def train_rows(self, topics: list[int], passages: list[int] = ()) -> list[int]:
         """The given passages when there are any (an expanded neighbourhood), else the train-split
         passages of `topics`; held-out passages never."""
+        trainable = ~self.heldout & ~self.validation
         if passages:
-            return sorted({int(p) for p in passages if not self.heldout[int(p)]})
-        return np.flatnonzero(np.isin(self.topic_of, topics) & ~self.heldout).tolist()
+            return sorted({int(p) for p in passages if trainable[int(p)]})
+        return np.flatnonzero(np.isin(self.topic_of, topics) & trainable).tolist()
 
     def heldout_rows(self) -> list[int]:
         return np.flatnonzero(self.heldout).tolist()
+
+    def signal_rows(self, topics: list[int] | None = None) -> list[int]:
+        """The passages curiosity signals are measured on: the validation split (of `topics`, or
+        all), or the held-out split for a run indexed without one."""
+        split = self.validation if self.validation.any() else self.heldout
+        sel = split if topics is None else split & np.isin(self.topic_of, topics)
+        return np.flatnonzero(sel).tolist()
 
 
 def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topics: list[int] | None = None,
@@ -149,8 +160,9 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     data = RunData.load(ws)
     device = distributed.init(resolve_device(cfg.train.device))  # this rank's, under torchrun
     model, tokenizer, kind = _setup_model(cfg, ws, nb, data, device)
-    blocks, replay, eval_set = _setup_data(cfg, ws, nb, data, tokenizer)
-    result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, eval_set, device, kind, resume and not force)
+    blocks, replay, eval_set, val_set = _setup_data(cfg, ws, nb, data, tokenizer)
+    result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, (eval_set, val_set), device, kind,
+                  resume and not force)
     if distributed.is_main():  # one writer: the other ranks trained the same model
         _save(cfg, ws, nb, model, tokenizer, kind, result)
     return result
@@ -220,7 +232,7 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
     base_dir = ws.root / "model" / "base"
     if nb.id == NUCLEUS:
         if cfg.model.base == "scratch":
-            texts = passage_texts(data.corpus, np.flatnonzero(~data.heldout).tolist())
+            texts = passage_texts(data.corpus, np.flatnonzero(~data.heldout & ~data.validation).tolist())
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
             model, kind = build_scratch_model(tokenizer, cfg.model.size, cfg.seed), "full"
         else:
@@ -263,16 +275,21 @@ def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunDa
         replay = blocks_for(data.train_rows(nucleus.topics))
     held = data.heldout_rows()
     eval_set = make_eval_set(tokenizer, data.corpus, held, data.topic_of[held].tolist(), cfg.train.block_size)
+    val = np.flatnonzero(data.validation).tolist()
+    val_set = make_eval_set(tokenizer, data.corpus, val, data.topic_of[val].tolist(), cfg.train.block_size) if val else None
     log.info("train %s: %d passages -> %d blocks of %d tokens", nb.id, len(rows), len(blocks),
              cfg.train.block_size)
-    return blocks, replay, eval_set
+    return blocks, replay, eval_set, val_set
 
 
 # -------------------------------------------------------------------------------- fit
 
 
 def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, blocks: Blocks,
-         replay: Blocks | None, eval_set, device: torch.device, kind: str, resume: bool) -> TrainResult:
+         replay: Blocks | None, eval_sets: tuple, device: torch.device, kind: str, resume: bool) -> TrainResult:
+    """Train with held-out metrics (what results are scored on) and, when the run has a
+    validation split, the same on it as `val/...` (what the curiosity signals read)."""
+    eval_set, val_set = eval_sets
     t = cfg.train
     autocast = autocast_dtype(cfg, device)
     graph = nucleate_stage.load_topic_graph(ws).adjacency()
@@ -283,6 +300,10 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
     def evaluate_fn(m) -> dict[str, float]:
         out = evaluate(m, eval_set, t.eval_batch_size, device, tokenizer.pad_token_id,
                        {nb.id: nb.topics}, nucleus_topics, autocast)
+        if val_set is not None:  # the curiosity signals' split (`val/nb/...`, `val/nucleus/...`)
+            out.update({f"val/{k}": v for k, v in evaluate(
+                m, val_set, t.eval_batch_size, device, tokenizer.pad_token_id, {nb.id: nb.topics},
+                nucleus_topics, autocast).items() if k.startswith(("nb/", "nucleus/", "heldout/"))})
         if questions is not None:
             out.update(question_accuracy(m, questions, t.eval_batch_size, device, tokenizer.pad_token_id, autocast))
         return out

@@ -98,6 +98,22 @@ def ctfidf_keywords(texts: list[str], assignments: np.ndarray, n_topics: int,
     return out
 
 
+def validation_mask(assignments: np.ndarray, heldout: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Boolean (n,): `fraction` of each topic's passages from those not held out, leaving at
+    least one to train on (a topic with fewer than 3 such passages gives none)."""
+    rng = np.random.default_rng([seed, 17])
+    mask = np.zeros(len(assignments), dtype=bool)
+    if fraction <= 0:
+        return mask
+    for topic in np.unique(assignments):
+        members = np.flatnonzero((assignments == topic) & ~heldout)
+        if len(members) < 3:
+            continue
+        n_val = min(len(members) - 1, max(1, round(fraction * np.sum(assignments == topic))))
+        mask[rng.choice(members, n_val, replace=False)] = True
+    return mask
+
+
 def heldout_mask(assignments: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Boolean (n,): a fixed `fraction` of each topic's passages (>= 1 when the topic has >= 2)."""
     rng = np.random.default_rng(seed)

@@ -125,6 +125,8 @@ CASES = [
     Case("group-by-not-a-choice", ["index", *R, "--set", "topics.group_by=entity"], ("`topics.group_by`", "'entity'")),
     Case("compile-not-a-choice", ["train", *R, "--set", "train.compile=sometimes"], ("`train.compile`", "'sometimes'")),
     Case("loss-not-a-choice", ["train", *R, "--set", "train.loss=fused"], ("`train.loss`", "'fused'")),
+    Case("validation-fraction-out-of-range", ["index", *R, "--set", "split.validation_fraction=0.7"],
+         ("`split.validation_fraction`", "0.7")),
     Case("sampler-typo", ["train", *R, "--set", "train.sampler=skilit"], ("train.sampler", "Did you mean 'skillit'")),
     Case("set-without-equals", ["index", *R, "--set", "graph.k"], ("--set", "graph.k")),
     Case("config-file-missing", ["index", *R, "--config", "{tmp}/nope.yaml"], ("nope.yaml",)),

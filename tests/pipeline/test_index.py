@@ -15,7 +15,7 @@ def test_artifacts_follow_the_run_directory_contract(small_run):
     for col in ("passage_id", "doc_id", "title", "text", "n_tokens", "split"):
         assert col in corpus.column_names
     assert corpus["passage_id"] == list(range(len(corpus)))
-    assert set(corpus["split"]) == {"train", "heldout"}
+    assert set(corpus["split"]) == {"train", "heldout", "validation"}
     info = json.loads((small_run / "index" / "index.json").read_text())
     assert info["count"] == len(corpus) and info["dim"] == 384 and info["factory"] == "Flat"
     assert info["config_hash"] and info["version"]
@@ -29,6 +29,9 @@ def test_artifacts_follow_the_run_directory_contract(small_run):
     # every topic keeps a held-out share, and held-out counts agree with corpus/
     assert all(t["heldout"] >= 1 for t in topics)
     assert sum(t["heldout"] for t in topics) == corpus["split"].count("heldout")
+    # and a validation share carved from the rest (the curiosity signals read it)
+    assert all(t["validation"] >= 1 for t in topics if t["size"] - t["heldout"] >= 3)
+    assert sum(t["validation"] for t in topics) == corpus["split"].count("validation")
     graph = json.loads((small_run / "topics" / "graph.json").read_text())
     assert graph["kind"] == "knn" and graph["nodes"] == list(range(6)) and graph["edges"]
     assert np.load(small_run / "topics" / "centroids.npy").shape == (6, 384)

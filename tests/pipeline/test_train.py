@@ -339,3 +339,17 @@ def test_chunked_loss_gives_the_full_losses_and_gradients():
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     out = _tiny_lm()(input_ids=ids, labels=labels)
     np.testing.assert_allclose(results[0][1].numpy(), row_losses(out.logits, labels), rtol=1e-5)
+
+
+def test_validation_passages_are_never_trained_and_feed_the_signals(trained_run):
+    data = train.RunData.load(Workspace(trained_run))
+    assert data.validation.any() and not (data.validation & data.heldout).any()
+    topics = sorted(set(data.topic_of.tolist()))
+    rows = set(data.train_rows(topics))
+    assert not rows & set(np.flatnonzero(data.validation | data.heldout).tolist())
+    assert set(data.signal_rows()) == set(np.flatnonzero(data.validation).tolist())
+    # an expanded neighbourhood's passage list drops validation passages too
+    val = np.flatnonzero(data.validation).tolist()
+    assert data.train_rows([0], passages=val + sorted(rows)[:3]) == sorted(rows)[:3]
+    logged = [json.loads(x) for x in (trained_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/nucleus/loss" in row and "nucleus/loss" in row for row in logged)

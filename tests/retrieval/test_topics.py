@@ -1,7 +1,8 @@
 import numpy as np
 
 from retrieval.graph import GRAPH_BUILDERS, TopicGraph
-from retrieval.topics import auto_num_topics, ctfidf_keywords, group_assignments, heldout_mask, spherical_kmeans
+from retrieval.topics import (auto_num_topics, ctfidf_keywords, group_assignments, heldout_mask, spherical_kmeans,
+                              validation_mask)
 
 
 def test_kmeans_assigns_each_passage_to_its_nearest_centroid(small_run):
@@ -46,6 +47,18 @@ def test_heldout_is_a_fixed_fraction_of_every_topic():
     per_topic = [int(mask[assign == t].sum()) for t in range(5)]
     assert per_topic == [0, 1, 1, 4, 10]
     np.testing.assert_array_equal(mask, heldout_mask(assign, 0.1, seed=3))  # fixed by the seed
+
+
+def test_validation_is_carved_from_what_is_not_held_out_and_leaves_training_passages():
+    assign = np.repeat(np.arange(5), [1, 3, 10, 40, 100])
+    held = heldout_mask(assign, 0.1, seed=3)
+    val = validation_mask(assign, held, 0.05, seed=3)
+    assert not (val & held).any()
+    assert [int(val[assign == t].sum()) for t in range(5)] == [0, 0, 1, 2, 5]  # topics of < 3 left: none
+    for t in range(5):  # every topic keeps a passage to train on
+        assert ((assign == t) & ~held & ~val).sum() >= 1
+    assert not validation_mask(assign, held, 0.0).any()
+    np.testing.assert_array_equal(val, validation_mask(assign, held, 0.05, seed=3))
 
 
 def test_knn_graph_links_each_topic_to_its_most_similar():
