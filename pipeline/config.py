@@ -206,6 +206,14 @@ class TrainConfig(Section):
     """`auto` = bf16 autocast on GPU, fp32 on CPU."""
     compile: bool | Literal["auto"] = "auto"
     """`torch.compile` the training forward and loss: `true`, `false`, or `auto` (on a GPU for trainings of at least 200 steps, where the one-off compilation pays; never on CPU)."""
+    relora_every: int | None = Field(default=None, ge=1)
+    """ReLoRA for the scratch base (Lialin et al. 2023): train it as a LoRA adapter (plus embeddings and norms) merged into the weights and restarted every N steps, with the learning rate re-warmed; unset = plain full-rank training."""
+    relora_rank: int = Field(default=64, ge=1)
+    """Rank of each ReLoRA cycle's adapter."""
+    relora_warmup: int = Field(default=20, ge=1)
+    """Steps over which the learning rate re-warms after each ReLoRA merge."""
+    relora_prune: float = Field(default=0.99, ge=0.0, lt=1.0)
+    """Fraction of the adapter's optimizer state (smallest magnitudes) zeroed at each ReLoRA merge."""
     loss: Literal["full", "chunked"] = "full"
     """Training loss: `full` (the model's own: logits for every position) or `chunked` (the output layer and cross-entropy a few thousand positions at a time, recomputed in the backward pass: no (tokens x vocab) tensor is kept; Llama-style models)."""
     eval_batch_size: int = Field(default=16, ge=1)

@@ -9,6 +9,7 @@ in stock peft format in `adapters/<nb-id>/`, with `neighborhood.json` beside the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ import torch
 
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
-from pipeline import __version__, distributed, metrics_log, question_set
+from pipeline import __version__, distributed, metrics_log, question_set, relora
 from pipeline import nucleate as nucleate_stage
 from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import UserError, did_you_mean, reading
@@ -116,6 +117,13 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
     if resume and not force:
         checkpoint_step(ws.root / "checkpoints" / nb.id)  # a damaged one is named now, not after setup
     check_model(cfg, ws)
+    if cfg.train.relora_every is not None and nb.id == NUCLEUS:
+        if cfg.model.base != "scratch":
+            raise UserError(f"train.relora_every: ReLoRA trains the scratch base; the base '{cfg.model.base}' "
+                            f"trains as LoRA adapters already. Unset train.relora_every, or use model.base: scratch.")
+        if cfg.train.relora_every >= cfg.train.nucleus_steps:
+            raise UserError(f"train.relora_every: {cfg.train.relora_every} must be below train.nucleus_steps "
+                            f"({cfg.train.nucleus_steps}), or no merge ever happens.")
     replay_rows = int(round(cfg.lora.replay_fraction * cfg.train.batch_size)) if nb.id != NUCLEUS else 0
     problem = distributed.check_batch(cfg.train.batch_size, replay_rows)
     if problem:
@@ -163,6 +171,8 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     blocks, replay, eval_set, val_set = _setup_data(cfg, ws, nb, data, tokenizer)
     result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, (eval_set, val_set), device, kind,
                   resume and not force)
+    if uses_relora(cfg, kind):
+        model = relora.unwrap(model)  # the last adapter merged: a plain Hugging Face model again
     if distributed.is_main():  # one writer: the other ranks trained the same model
         _save(cfg, ws, nb, model, tokenizer, kind, result)
     return result
@@ -248,7 +258,13 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
                         f"({context_length(model)}). Set train.block_size <= {context_length(model)}.")
     if kind == "lora":
         model = add_lora(cfg, model)
+    elif uses_relora(cfg, kind):
+        model = relora.wrap(model, cfg.train.relora_rank, cfg.seed)
     return model.to(device), tokenizer, kind
+
+
+def uses_relora(cfg: NucleusConfig, kind: str) -> bool:
+    return kind == "full" and cfg.train.relora_every is not None
 
 
 def add_lora(cfg: NucleusConfig, model):
@@ -325,6 +341,9 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
 
     steps = t.nucleus_steps if kind == "full" else cfg.lora.steps
     settings = fit_settings(cfg, steps, t.lr if kind == "full" else cfg.lora.lr, device, replay is not None)
+    if uses_relora(cfg, kind):
+        settings = dataclasses.replace(settings, relora_every=t.relora_every, relora_warmup=t.relora_warmup,
+                                       relora_prune=t.relora_prune)
     checkpoints = ws.root / "checkpoints" / nb.id
     tag = section_hash(cfg, stage_sections(cfg, nb.id))  # a checkpoint resumes only the same training
     start = checkpoint_step(checkpoints, tag) if resume else None

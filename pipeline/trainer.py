@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, relora
 from pipeline.atomic import atomic_path, read_json, restore_aside
 from pipeline.errors import reading
 from pipeline.lm_data import Blocks
@@ -54,6 +54,9 @@ class FitSettings:
     autocast_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the training forward (and its loss); evaluation stays eager
     loss: str = "full"  # "full" (the model's own) or "chunked" (pipeline/loss.py)
+    relora_every: int | None = None  # ReLoRA (pipeline/relora.py): merge and restart the adapter every N steps
+    relora_warmup: int = 20
+    relora_prune: float = 0.99
 
 
 @dataclass
@@ -180,9 +183,13 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
+    every = s.relora_every
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_lambda(step, s.warmup_steps, s.steps, s.min_lr_ratio))
+        opt, lambda step: lr_lambda(step, s.warmup_steps, s.steps, s.min_lr_ratio)
+        * (relora.jagged(step, every, s.relora_warmup) if every else 1.0))
     ckpt = _Checkpoint(checkpoint_dir, checkpoint_tag)
+    # ReLoRA's merges change the frozen weights too: its checkpoints keep every weight
+    saved = {n for n, _ in model.named_parameters()} if every else trained
     step, tokens, sampler_state = 0, 0, None
     if resume and ckpt.exists():
         step, tokens, sampler_state = ckpt.load(model, opt, sched)
@@ -272,6 +279,9 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        if every and step % every == 0 and step < s.steps:  # ReLoRA: fold the adapter in, start afresh
+            relora.merge_and_reset(model)
+            relora.prune_optimizer_state(opt, model, s.relora_prune)
 
         is_last = step == s.steps
         if step % s.log_every == 0 or is_last:
@@ -290,7 +300,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
                 log({"step": step, "tokens": tokens, **metrics})
             model.train()
         if step % s.checkpoint_every == 0 and not is_last and main:
-            ckpt.save(model, trained, opt, sched, step, tokens,
+            ckpt.save(model, saved, opt, sched, step, tokens,
                       sampler.state_dict() if hasattr(sampler, "state_dict") else None)
     bar.close()
     elapsed = time.perf_counter() - t0

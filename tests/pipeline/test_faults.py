@@ -127,6 +127,8 @@ CASES = [
     Case("loss-not-a-choice", ["train", *R, "--set", "train.loss=fused"], ("`train.loss`", "'fused'")),
     Case("validation-fraction-out-of-range", ["index", *R, "--set", "split.validation_fraction=0.7"],
          ("`split.validation_fraction`", "0.7")),
+    Case("relora-every-above-steps", ["train", *R, "--force", "--set", "train.relora_every=100000"],
+         ("train.relora_every", "train.nucleus_steps")),
     Case("sampler-typo", ["train", *R, "--set", "train.sampler=skilit"], ("train.sampler", "Did you mean 'skillit'")),
     Case("set-without-equals", ["index", *R, "--set", "graph.k"], ("--set", "graph.k")),
     Case("config-file-missing", ["index", *R, "--config", "{tmp}/nope.yaml"], ("nope.yaml",)),

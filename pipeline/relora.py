@@ -1,0 +1,83 @@
+"""ReLoRA (Lialin et al. 2023, "ReLoRA: High-Rank Training Through Low-Rank Updates";
+Guitaricet/relora): a full model trained through a sequence of low-rank updates.
+
+The base's linear layers train as a LoRA adapter of rank `train.relora_rank`; embeddings and
+norms train in full, as in the paper. Every `train.relora_every` steps the adapter is merged
+into the base weights (W += scale * B A) and re-initialised (A random, B = 0, so the model's
+outputs do not change at the merge), most of the adapter's optimizer state is pruned by
+magnitude (`train.relora_prune`), and the learning rate re-warms over `train.relora_warmup`
+steps: the jagged schedule. Each cycle adds up to `rank` new directions, so the sum of the
+updates can reach full rank while the optimizer holds state for the adapter only. At the end the
+last adapter is merged and the model unwrapped: it saves as a plain Hugging Face model.
+
+A checkpoint stores every weight (the merges change the frozen ones), the optimizer and the RNG,
+so a training killed mid-cycle resumes to where an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ADAPTER = "default"
+
+
+def wrap(model: nn.Module, rank: int, seed: int) -> nn.Module:
+    """The model with a LoRA adapter on every linear layer but the output; embeddings and norms
+    trainable too."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                  target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    for name, p in peft_model.named_parameters():
+        if "embed" in name or "norm" in name:
+            p.requires_grad_(True)
+    return peft_model
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+@torch.no_grad()
+def merge_and_reset(model: nn.Module) -> None:
+    """Fold each adapter into its base weight and start a fresh adapter (B = 0: same outputs)."""
+    for layer in lora_layers(model):
+        delta = layer.get_delta_weight(ADAPTER)
+        layer.base_layer.weight.add_(delta.to(layer.base_layer.weight.dtype))
+        layer.reset_lora_parameters(ADAPTER, True)
+
+
+@torch.no_grad()
+def prune_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, fraction: float) -> None:
+    """Zero the `fraction` smallest-magnitude entries of the adapter's Adam moments: the old
+    adapter's directions are in the base now, its momentum would push the new one along them."""
+    if fraction <= 0:
+        return
+    params = [p for layer in lora_layers(model) for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+    for p in params:
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state.get(key)
+            if t is None or t.numel() == 0:
+                continue
+            keep = max(1, int(round((1.0 - fraction) * t.numel())))
+            threshold = torch.topk(t.abs().flatten(), keep, sorted=False).values.min()
+            t.mul_(t.abs() >= threshold)
+
+
+def jagged(step: int, every: int, warmup: int) -> float:
+    """The learning-rate factor after the first merge: a linear re-warm-up over `warmup` steps
+    from each merge (the first cycle keeps the ordinary warm-up)."""
+    if step < every:
+        return 1.0
+    return min(1.0, (step % every + 1) / warmup)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The last adapter merged, the plain model returned (it saves as a Hugging Face model)."""
+    merge_and_reset(model)
+    return model.unload()

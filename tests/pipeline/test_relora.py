@@ -1,0 +1,106 @@
+"""ReLoRA: a merge leaves the model's outputs as they were, the schedule re-warms after each
+merge, the merged model is a plain Hugging Face model, and a training killed mid-cycle resumes
+to exactly where an uninterrupted one ends."""
+
+import numpy as np
+import pytest
+import torch
+
+from curriculum.samplers import UniformSampler
+from pipeline import relora
+from pipeline.lm_data import Blocks
+from pipeline.trainer import FitSettings, fit, lr_lambda
+
+
+def _tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+
+
+BLOCKS = Blocks(torch.randint(0, 16, (32, 8), generator=torch.Generator().manual_seed(2)),
+                torch.ones(32, 8, dtype=torch.bool), np.zeros(32, dtype=np.int64))
+
+
+def _settings(**kw):
+    return FitSettings(**{"steps": 30, "lr": 1e-2, "batch_size": 8, "checkpoint_every": 10, "log_every": 5,
+                          "relora_every": 8, "relora_warmup": 3, **kw})
+
+
+def _fit(model, settings, **kw):
+    return fit(model, BLOCKS, lambda: iter(UniformSampler(BLOCKS.topics, 8, seed=0)), settings,
+               torch.device("cpu"), **kw)
+
+
+def test_a_merge_leaves_the_outputs_unchanged_and_starts_a_fresh_adapter():
+    model = relora.wrap(_tiny_lm(), rank=4, seed=0)
+    _fit(model, _settings(relora_every=None, steps=5))  # the adapter has moved (B != 0)
+    layers = relora.lora_layers(model)
+    assert layers and any(float(m.lora_B["default"].weight.abs().sum()) > 0 for m in layers)
+    ids = BLOCKS.tokens[:4]
+    before = model(input_ids=ids).logits
+    base_before = layers[0].base_layer.weight.clone()
+    relora.merge_and_reset(model)
+    after = model(input_ids=ids).logits
+    assert float((after - before).abs().max()) < 1e-4
+    assert all(float(m.lora_B["default"].weight.abs().sum()) == 0 for m in layers)  # a fresh adapter
+    assert not torch.equal(layers[0].base_layer.weight, base_before)  # its update is in the base now
+    plain = relora.unwrap(model)
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert float((plain(input_ids=ids).logits - after).abs().max()) < 1e-4
+
+
+def test_the_schedule_rewarms_after_each_merge():
+    assert [relora.jagged(s, 8, 3) for s in (0, 7, 8, 9, 10, 15, 16)] == [1.0, 1.0, 1 / 3, 2 / 3, 1.0, 1.0, 1 / 3]
+    rows = []
+    _fit(relora.wrap(_tiny_lm(), rank=4, seed=0), _settings(log_every=1), log=rows.append)
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert lrs[9] == pytest.approx(1e-2 * lr_lambda(9, 0, 30, 0.1) * 2 / 3)  # re-warming after the merge at 8
+    assert lrs[12] == pytest.approx(1e-2 * lr_lambda(12, 0, 30, 0.1))
+
+
+def test_pruning_keeps_the_largest_optimizer_moments():
+    model = relora.wrap(_tiny_lm(), rank=4, seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    loss = model(input_ids=BLOCKS.tokens[:4], labels=BLOCKS.tokens[:4]).loss
+    loss.backward()
+    opt.step()
+    b = relora.lora_layers(model)[0].lora_B["default"].weight  # A's gradient is 0 while B = 0
+    moments = opt.state[b]["exp_avg_sq"].clone()
+    relora.prune_optimizer_state(opt, model, 0.9)
+    kept = opt.state[b]["exp_avg_sq"] != 0
+    assert int(kept.sum()) == round(0.1 * b.numel())
+    assert float(moments[kept].min()) >= float(moments[~kept].max())  # the largest ones stay
+
+
+def test_a_training_killed_mid_cycle_resumes_to_where_an_uninterrupted_one_ends(tmp_path):
+    whole = relora.wrap(_tiny_lm(), rank=4, seed=0)
+    _fit(whole, _settings())
+    # the same training with checkpoints; its checkpoint at step 20 (merges at 8 and 16, the next at 24)
+    _fit(relora.wrap(_tiny_lm(), rank=4, seed=0), _settings(), checkpoint_dir=tmp_path)
+    resumed = relora.wrap(_tiny_lm(), rank=4, seed=0)
+    result = _fit(resumed, _settings(), checkpoint_dir=tmp_path, resume=True)
+    assert result.resumed_from == 20
+    a, b = dict(whole.named_parameters()), dict(resumed.named_parameters())
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nucleus_train_with_relora_saves_a_plain_model(small_run_copy):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import TRAIN_SETS, nucleus
+
+    assert nucleus("nucleate", "--run-dir", str(small_run_copy)).returncode == 0
+    sets = [x for s in [*TRAIN_SETS, "train.relora_every=10", "train.relora_rank=4"] for x in ("--set", s)]
+    r = nucleus("train", "--run-dir", str(small_run_copy), "--json", *sets)
+    assert r.returncode == 0, r.stderr
+    base = AutoModelForCausalLM.from_pretrained(str(small_run_copy / "model" / "base"), local_files_only=True)
+    assert type(base).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in base.named_parameters())
+    import json
+
+    out = json.loads(r.stdout)
+    assert out["metrics"]["heldout/ppl"] < out["metrics_before"]["heldout/ppl"]  # it learned
