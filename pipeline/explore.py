@@ -204,7 +204,7 @@ def _generative_holes(cfg: NucleusConfig, ctx: _Context, ledger: Ledger, round_:
     Holes already in the ledger (an interrupted round) are reused, not generated again."""
     done = {r["idx"]: r for r in ledger.rabbit_holes(round_, "generative")}
     rng = np.random.default_rng([cfg.seed, round_, 1])
-    with_text = set(np.unique(ctx.data.topic_of[~ctx.data.heldout & ~ctx.data.validation]).tolist())
+    with_text = set(np.unique(ctx.data.topic_of[ctx.data.trainable]).tolist())
     sources = [t for t in sorted(explored) if t in with_text]
     if not sources:
         return []
@@ -269,8 +269,7 @@ def _features(cfg: NucleusConfig, ws: Workspace, ctx: _Context, candidates: list
     rng = np.random.default_rng(cfg.seed)
     probes = {}
     for t in candidates:  # the topic's validation passages (its training ones when it has none)
-        rows = ctx.data.signal_rows([t]) if ctx.data.validation.any() else []
-        rows = rows or ctx.data.train_rows([t])
+        rows = np.flatnonzero(ctx.data.validation & (ctx.data.topic_of == t)).tolist() or ctx.data.train_rows([t])
         probes[t] = sorted(rng.choice(rows, min(cfg.explore.probe_passages, len(rows)), replace=False).tolist())
 
     def losses(m, topics: list[int]) -> dict[int, float]:

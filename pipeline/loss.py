@@ -29,7 +29,14 @@ def _core(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _row_means(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch, block - 1) next-token NLL in fp32 (0 where the label is -100)."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                           reduction="none")
+
+
+def row_means(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean NLL over its targets (rows without targets get 0), detached."""
     target = labels[:, 1:]
     return (token_nll.view_as(target).sum(1) / (target != -100).sum(1).clamp(min=1)).detach()
 
@@ -49,9 +56,7 @@ class StepLoss(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             if not self.rows:
                 return out.loss, None
-            nll = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100,
-                                  reduction="none")
-            return out.loss, _row_means(nll, labels)
+            return out.loss, row_means(token_nll(out.logits, labels), labels)
         core = _core(self.model)
         hidden = core.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         head = core.get_output_embeddings()
@@ -64,4 +69,4 @@ class StepLoss(nn.Module):
         nll = torch.cat([checkpoint(chunk_nll, h[i:i + self.chunk_tokens], y[i:i + self.chunk_tokens],
                                     use_reentrant=False) for i in range(0, len(y), self.chunk_tokens)])
         loss = nll.sum() / (y != -100).sum().clamp(min=1)
-        return loss, (_row_means(nll, labels) if self.rows else None)
+        return loss, (row_means(nll, labels) if self.rows else None)

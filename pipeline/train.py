@@ -85,10 +85,15 @@ class RunData:
         split = np.asarray(table["split"])
         return cls(corpus, np.asarray(table["topic_id"]), split == "heldout", split == "validation")
 
+    @property
+    def trainable(self) -> np.ndarray:
+        """The train split: neither held out nor validation."""
+        return ~self.heldout & ~self.validation
+
     def train_rows(self, topics: list[int], passages: list[int] = ()) -> list[int]:
         """The given passages when there are any (an expanded neighbourhood), else the train-split
-        passages of `topics`; held-out passages never."""
-        trainable = ~self.heldout & ~self.validation
+        passages of `topics`; held-out and validation passages never."""
+        trainable = self.trainable
         if passages:
             return sorted({int(p) for p in passages if trainable[int(p)]})
         return np.flatnonzero(np.isin(self.topic_of, topics) & trainable).tolist()
@@ -242,7 +247,7 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
     base_dir = ws.root / "model" / "base"
     if nb.id == NUCLEUS:
         if cfg.model.base == "scratch":
-            texts = passage_texts(data.corpus, np.flatnonzero(~data.heldout & ~data.validation).tolist())
+            texts = passage_texts(data.corpus, np.flatnonzero(data.trainable).tolist())
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
             model, kind = build_scratch_model(tokenizer, cfg.model.size, cfg.seed), "full"
         else:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from pipeline import distributed, relora
 from pipeline.atomic import atomic_path, read_json, restore_aside
 from pipeline.errors import reading
 from pipeline.lm_data import Blocks
-from pipeline.loss import StepLoss
+from pipeline.loss import StepLoss, row_means, token_nll
 
 log_fn = Callable[[dict], None]
 
@@ -145,9 +144,7 @@ class _Checkpoint:
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """Mean next-token loss (nats) of each row of a batch; rows without targets get 0."""
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
-    return (nll.sum(1) / (target != -100).sum(1).clamp(min=1)).detach().cpu().numpy()
+    return row_means(token_nll(logits, labels), labels).cpu().numpy()
 
 
 def _skip(sampler, n: int, state: dict | None = None) -> None:

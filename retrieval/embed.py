@@ -104,8 +104,9 @@ class Embedder:
             feats = prepare([texts[i] for i in idx])
             return {k: (v.pin_memory() if pin and isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
 
-        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)  # in batch order
         self.model.eval()
+        done = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleus-tokenize") as pool:
             ahead = deque(pool.submit(features, b) for b in batches[:PREFETCH])
             for n, idx in enumerate(batches):
@@ -116,8 +117,11 @@ class Embedder:
                          for k, v in feats.items()}
                 with torch.inference_mode():
                     emb = self.model(feats)["sentence_embedding"]
-                out[torch.from_numpy(idx).to(device)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
-        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+                out[done:done + len(idx)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+                done += len(idx)
+        vecs = np.empty((len(texts), self.dim), dtype=np.float32)
+        vecs[np.concatenate(batches)] = out.cpu().numpy()  # back to the caller's order, on the host
+        return vecs
 
 
 TOKENS_PER_PASSAGE = 128  # the token budget of a batch is batch_size x this
