@@ -9,6 +9,11 @@ batch size:
            exactly what the `index` stage runs (shards of --shard-size written as .npy, then
            read back and concatenated)
 
+With `--bare-batch-sizes`, the bare side runs at each of those batch sizes too (sentence-
+transformers' best setting on the machine is then the baseline as well as the equal-batch one),
+and `tokenize_seconds` times the tokeniser alone over all passages in Nucleus's batches, on one
+thread: the host-side bound of any path that tokenises on the critical path.
+
 Passages are WikiText-2 articles chunked by retrieval.chunking.chunk_documents with the
 embedder's tokenizer (default 128 tokens, title included via embedding_text). Each side is
 warmed up, then they alternate (AB, BA, AB, ...) for --repeats rounds; the table gives the
@@ -51,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'default' (bundled all-MiniLM-L6-v2) or a local sentence-transformers dir")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each side")
     p.add_argument("--batch-size", type=int, default=64, help="same for both (Nucleus's default: 64)")
+    p.add_argument("--bare-batch-sizes", type=int, nargs="*", default=None,
+                   help="more batch sizes for the bare side (its best one is reported as well)")
     p.add_argument("--shard-size", type=int, default=4096, help="embed_in_shards shard size")
     p.add_argument("--max-tokens", type=int, default=128, help="chunk size in embedder tokens")
     p.add_argument("--min-tokens", type=int, default=24)
@@ -96,6 +103,18 @@ def timed(fn: Callable[[], np.ndarray], sync: Callable[[], None]) -> tuple[float
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
+def tokenize_seconds(embedder, texts: list[str], batch_size: int) -> float:
+    """Seconds to tokenise every passage in the batches the Nucleus side uses, on this thread."""
+    from retrieval.embed import TOKENS_PER_PASSAGE, _token_budget_batches
+
+    prepare = getattr(embedder.model, "preprocess", None) or embedder.model.tokenize
+    batches = _token_budget_batches(texts, batch_size * TOKENS_PER_PASSAGE)
+    t0 = time.perf_counter()
+    for idx in batches:
+        prepare([texts[i] for i in idx])
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
@@ -127,9 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def run_bare(sub: list[str]) -> np.ndarray:
-        return bare.encode(sub, batch_size=args.batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True)
+    def run_bare(sub: list[str], batch_size: int = args.batch_size) -> np.ndarray:
+        return bare.encode(sub, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
     def run_nucleus(sub: list[str]) -> np.ndarray:
         # A fresh, empty shard dir every run: a reused one would be "resumed" (nothing embedded).
@@ -141,23 +159,27 @@ def main(argv: list[str] | None = None) -> dict:
     # Warm up on ALL passages by default: with only 512, the first timed run (always `bare`,
     # see the AB/BA order below) was 15-40% slower than the median in the first runs of RESULTS.md.
     warm = texts[:args.warmup_passages or n]
-    for fn in (run_bare, run_nucleus):
+    sides: dict[str, Callable[[list[str]], np.ndarray]] = {"bare": run_bare, "nucleus": run_nucleus}
+    for b in args.bare_batch_sizes or []:
+        if b != args.batch_size:
+            sides[f"bare_b{b}"] = lambda sub, b=b: run_bare(sub, b)
+    for fn in sides.values():
         fn(warm)
 
-    times: dict[str, list[float]] = {"bare": [], "nucleus": []}
-    cpu_times: dict[str, list[float]] = {"bare": [], "nucleus": []}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu_times: dict[str, list[float]] = {k: [] for k in sides}
     outs: dict[str, np.ndarray] = {}
-    sides = {"bare": run_bare, "nucleus": run_nucleus}
     for r in range(args.repeats):
         # Alternate the order (AB, BA, ...) so slow drift (clocks, caches) hits both sides alike.
-        order = ("bare", "nucleus") if r % 2 == 0 else ("nucleus", "bare")
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for side in order:
             dt, cpu, out = timed(lambda: sides[side](texts), sync)
             times[side].append(dt)
             cpu_times[side].append(cpu)
             outs[side] = out
-        print(f"  round {r + 1}/{args.repeats}: bare {n / times['bare'][-1]:8.1f} p/s   "
-              f"nucleus {n / times['nucleus'][-1]:8.1f} p/s", flush=True)
+        print(f"  round {r + 1}/{args.repeats}: " + "   ".join(
+            f"{k} {n / v[-1]:8.1f} p/s" for k, v in times.items()), flush=True)
+    tokenize_s = tokenize_seconds(embedder, texts, args.batch_size)
 
     # Same function? Shards re-batch the passages (each encode sorts by length within its shard),
     # so results may differ by rounding (in RESULTS.md they were identical).
@@ -165,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
     pps = {s: n / statistics.median(t) for s, t in times.items()}
+    best_bare = max((k for k in pps if k.startswith("bare")), key=pps.get)
     pair_ratios = [tb / tn for tb, tn in zip(times["bare"], times["nucleus"])]  # nucleus/bare p/s
     result = {
         "benchmark": "embed_throughput",
@@ -194,6 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
             statistics.median(cpu_times["bare"]) / statistics.median(cpu_times["nucleus"]), 4),
         "passages_per_s_median": {s: round(v, 1) for s, v in pps.items()},
         "ratio_nucleus_over_bare": round(pps["nucleus"] / pps["bare"], 4),
+        "best_bare_side": best_bare,
+        "ratio_nucleus_over_best_bare": round(pps["nucleus"] / pps[best_bare], 4),
+        "tokenize_seconds": round(tokenize_s, 4),
+        "tokenize_passages_per_s": round(n / tokenize_s, 1),
+        "outputs_min_cosine_each_bare_side": {
+            k: round(float(np.min(np.sum(outs[k].astype(np.float32) * outs["nucleus"], axis=1))), 6)
+            for k in outs if k.startswith("bare")},
         "pairwise_ratio_median": round(statistics.median(pair_ratios), 4),
         "pairwise_ratio_min_max": [round(min(pair_ratios), 4), round(max(pair_ratios), 4)],
         "outputs_min_cosine": round(float(cos.min()), 6),
@@ -207,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     for s, ts in times.items():
         print(f"{s:<9} {statistics.median(ts):9.3f} {pps[s]:11.1f} "
               f"{n / max(ts):9.1f}..{n / min(ts):<9.1f} {statistics.median(cpu_times[s]):13.3f}")
+    print(f"nucleus/best bare ({best_bare}) = {result['ratio_nucleus_over_best_bare']:.3f}; tokeniser alone "
+          f"{result['tokenize_passages_per_s']:.0f} p/s")
     print(f"nucleus/bare = {result['ratio_nucleus_over_bare']:.3f} (ratio of medians); "
           f"per-round {result['pairwise_ratio_min_max'][0]:.3f}..{result['pairwise_ratio_min_max'][1]:.3f}, "
           f"median {result['pairwise_ratio_median']:.3f}; goal >= 0.95")

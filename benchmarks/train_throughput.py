@@ -13,11 +13,18 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_community  pipeline.trainer.fit with the community-traversal sampler (compiled like
                      nucleus_uniform)
   nucleus_chunked    nucleus_uniform with `train.loss: chunked` (no (tokens x vocab) logits kept)
+  nucleus_eager_seed1  (only with --arms) nucleus_eager on another batch order: the noise
+                     floor for comparing loss curves
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
-arm's final training loss (the compiled path must match the eager one), and on GPU the model
-FLOPs utilisation (MFU: 6*N + 12*L*d*T FLOPs per token against 989 TFLOP/s, the H100/H200
-dense bf16 peak). The warm-up pass of every arm (compilation included) is not timed.
+arm's loss curve (the compiled path must match the eager one), the graphs dynamo compiled in
+each timed run (0 = no recompilation), and on GPU the model FLOPs utilisation (MFU: 6*N +
+12*L*d*T FLOPs per token against 989 TFLOP/s, the H100/H200 dense bf16 peak; N counts every
+weight a token's forward multiplies by, the output layer included, as nanoGPT's count does for
+a tied embedding, but not the embedding lookup). Every arm is timed over its steady state:
+from step `--skip` (after a synchronisation) to its last step, so that compilation, which
+transformers' `Trainer` redoes in every `train()` on a fresh model, is never timed, for either
+side. An untimed warm-up run of every arm comes first as well.
 
     python benchmarks/train_throughput.py --data ../shared/data/wikitext-2/train.txt \
         --preset tiny --steps 30 --batch-size 16 --block-size 128           # CPU
@@ -64,14 +71,58 @@ def ring_graph(n: int) -> dict[int, list[int]]:
     return {t: sorted(v) for t, v in adj.items()}
 
 
-def flops_per_token(model, block: int) -> float:
+def flops_per_token(model, block: int, output_layer: bool = True) -> float:
+    """Training FLOPs per token: 6 per weight a token meets (forward and backward) plus causal
+    attention's 12*L*d*T. `output_layer=False` is the count of RESULTS.md before issue 15, which
+    left the output layer's matmul out (the tied embedding's weights were subtracted)."""
     cfg = model.config
-    n = count_parameters(model) - cfg.vocab_size * cfg.hidden_size  # tied embedding counted once
+    n = count_parameters(model)  # the tied embedding/output weight counted once: the output matmul
+    if not output_layer:
+        n -= cfg.vocab_size * cfg.hidden_size
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * block
 
 
-def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, float]:
-    from transformers import Trainer, TrainingArguments
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a recompilation adds one)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+class SteadyClock:
+    """Wall time from the end of step `skip` (synchronised) to the end of the run."""
+
+    def __init__(self, skip: int, device):
+        self.skip, self.device, self.t_skip = skip, device, None
+
+    def mark(self, step: int) -> None:
+        if step == self.skip:
+            self.sync()
+            self.t_skip = time.perf_counter()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds(self) -> float:
+        self.sync()
+        return time.perf_counter() - self.t_skip
+
+
+def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    clock = SteadyClock(args.skip, device)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            clock.mark(state.global_step)
+            if state.global_step == args.steps:
+                timing["seconds"] = clock.seconds()
+
+    timing: dict[str, float] = {}
 
     class BlockDataset(torch.utils.data.Dataset):
         def __len__(self):
@@ -88,32 +139,34 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, float]:
     targs = TrainingArguments(
         output_dir="/tmp/nucleus-bench-hf", per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup, weight_decay=0.01,
-        max_grad_norm=1.0, adam_beta2=0.95, bf16=bf16, logging_strategy="no", save_strategy="no",
+        max_grad_norm=1.0, adam_beta2=0.95, bf16=bf16, logging_strategy="steps", logging_steps=args.skip,
+        save_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=device.type == "cpu",
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", torch_compile=args.compile,
         dataloader_pin_memory=device.type == "cuda")
-    trainer = Trainer(model=model, args=targs, train_dataset=BlockDataset())
-    t0 = time.perf_counter()
-    out = trainer.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, float(out.training_loss)
+    trainer = Trainer(model=model, args=targs, train_dataset=BlockDataset(), callbacks=[Clock()])
+    trainer.train()
+    curve = [float(r["loss"]) for r in trainer.state.log_history if "loss" in r]
+    return timing["seconds"], curve
 
 
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
-                loss: str = "full") -> tuple[float, float]:
+                loss: str = "full", seed: int = 0) -> tuple[float, list[float]]:
+    # logged every `skip` steps, as the Trainer arm logs: the same host synchronisations
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
-                           eval_every=10**9, checkpoint_every=10**9, log_every=max(1, args.steps // 10),
+                           eval_every=10**9, checkpoint_every=10**9, log_every=args.skip,
                            autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled, loss=loss)
-    make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, 0))  # noqa: E731
+    make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, seed))  # noqa: E731
     model.to(device)
+    clock = SteadyClock(args.skip, device)
     rows = []
-    t0 = time.perf_counter()
-    fit(model, blocks, make, settings, device, log=rows.append)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    # the mean training loss over the run, as Trainer's `training_loss` reports it
-    return time.perf_counter() - t0, sum(r["train/loss"] for r in rows) / len(rows)
+
+    def log(row: dict) -> None:
+        clock.mark(row["step"])
+        rows.append(row)
+
+    fit(model, blocks, make, settings, device, log=log)
+    return clock.seconds(), [r["train/loss"] for r in rows]
 
 
 def main() -> None:
@@ -124,14 +177,21 @@ def main() -> None:
     p.add_argument("--articles", type=int, default=None)
     p.add_argument("--articles-per-topic", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=10,
+                   help="steps left out of the timing (compilation); also the loss-logging interval")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile in hf_trainer and the nucleus arms")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="a subset of the arms (default all; hf_trainer, nucleus_uniform and nucleus_eager "
+                        "are always run: the ratios need them)")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
+    if args.steps % args.skip or args.steps <= args.skip:
+        p.error(f"--steps ({args.steps}) must be a multiple of --skip ({args.skip}) and larger")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda"
@@ -153,33 +213,60 @@ def main() -> None:
         "nucleus_eager": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, False),
         "nucleus_community": lambda m: run_nucleus(m, blocks, args, device, bf16, "community", graph, c),
         "nucleus_chunked": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, "chunked"),
+        # the eager path on another batch order: how far two curves of the same model differ by
+        # data order alone, the noise that compiled-vs-eager differences are measured against
+        "nucleus_eager_seed1": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, False, seed=1),
     }
+    if args.arms:
+        unknown = set(args.arms) - set(arms)
+        if unknown:
+            p.error(f"--arms: unknown {sorted(unknown)}; choose from {list(arms)}")
+        keep = {"hf_trainer", "nucleus_uniform", "nucleus_eager", *args.arms}
+        arms = {k: v for k, v in arms.items() if k in keep}
+    else:
+        arms.pop("nucleus_eager_seed1")
     for fn in arms.values():  # warm-up: compilation, kernels, allocator, tokenizer caches
         fn(copy.deepcopy(base))
     rates: dict[str, list[float]] = {k: [] for k in arms}
-    losses: dict[str, list[float]] = {k: [] for k in arms}
+    curves: dict[str, list[list[float]]] = {k: [] for k in arms}
+    graphs: dict[str, list[int]] = {k: [] for k in arms}
+    timed_tokens = (args.steps - args.skip) * tokens_per_step
     for r in range(args.repeats):
         order = list(arms) if r % 2 == 0 else list(reversed(arms))  # alternate to cancel drift
         for name in order:
-            seconds, loss = arms[name](copy.deepcopy(base))
-            rates[name].append(args.steps * tokens_per_step / seconds)
-            losses[name].append(loss)
-            print(f"  repeat {r} {name:<18} {rates[name][-1]:>12,.0f} tokens/s  mean loss {loss:.4f}", flush=True)
+            before = compiled_graphs()
+            seconds, curve = arms[name](copy.deepcopy(base))
+            graphs[name].append(compiled_graphs() - before)
+            rates[name].append(timed_tokens / seconds)
+            curves[name].append(curve)
+            print(f"  repeat {r} {name:<18} {rates[name][-1]:>12,.0f} tokens/s  final loss {curve[-1]:.4f}  "
+                  f"graphs compiled {graphs[name][-1]}", flush=True)
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {"device": torch.cuda.get_device_name() if bf16 else "cpu", "preset": args.preset, "compile": c,
            "params": count_parameters(base), "batch": args.batch_size, "block": args.block_size,
-           "steps": args.steps, "repeats": args.repeats, "tokens_per_s": med, "rates": rates, "mean_loss": losses,
+           "steps": args.steps, "skip": args.skip, "repeats": args.repeats, "tokens_per_s": med, "rates": rates,
+           "loss_curves": curves, "graphs_compiled_in_timed_runs": graphs,
+           # compiled against the eager (slow) path, same seed and batches: they must agree
+           "max_abs_loss_diff_compiled_vs_eager": max(abs(a - b) for a, b in zip(
+               curves["nucleus_uniform"][0], curves["nucleus_eager"][0])),
+           **({"max_abs_loss_diff_eager_seed0_vs_seed1": max(abs(a - b) for a, b in zip(
+               curves["nucleus_eager_seed1"][0], curves["nucleus_eager"][0]))} if "nucleus_eager_seed1" in curves else {}),
            "ratio_nucleus_vs_hf": med["nucleus_uniform"] / med["hf_trainer"],
            "ratio_compiled_vs_eager": med["nucleus_uniform"] / med["nucleus_eager"],
-           "ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"],
-           "ratio_chunked_vs_full": med["nucleus_chunked"] / med["nucleus_uniform"]}
+           **({"ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"]}
+              if "nucleus_community" in med else {}),
+           **({"ratio_chunked_vs_full": med["nucleus_chunked"] / med["nucleus_uniform"]}
+              if "nucleus_chunked" in med else {})}
     if bf16:
         name = out["device"]
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         if peak:
             fpt = flops_per_token(base, args.block_size)
             out["mfu"] = {k: v * fpt / peak for k, v in med.items()}
+            out["mfu_without_output_layer"] = {
+                k: v * flops_per_token(base, args.block_size, output_layer=False) / peak for k, v in med.items()}
+            out["flops_per_token"] = fpt
             out["peak_flops_assumed"] = peak
     print(json.dumps(out, indent=2))
     if args.json_out:

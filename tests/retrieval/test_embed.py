@@ -26,3 +26,20 @@ def test_batches_hold_a_token_budget_longest_first():
     batches = _token_budget_batches(texts, budget=300)
     assert np.concatenate(batches).tolist() == [2, 0, 4, 1, 3]  # longest first, every text once
     assert [len(b) for b in batches] == [1, 2, 2]  # 1002 tokens alone; 2 x 102; 2 x 12 <= 300
+
+
+def test_fast_tokenisation_gives_the_models_own_features(wikitext_dir, embedder):
+    """The pipelined path tokenises with the Rust tokeniser directly; its features must be the
+    ones sentence-transformers builds, for every kind of text (empty, padded, over-long)."""
+    import torch
+
+    texts = [f"{t}\n{b[:700]}" for t, b in split_wikitext_articles(
+        (wikitext_dir / "valid.txt").read_text(encoding="utf-8"))[:40]]
+    texts += ["", "  padded  ", "word " * 600, "Ünïcödé — ½ café\tTAB", "\n\nnewlines\n"]
+    fast = embedder._features_fn(texts[:8])
+    prepare = getattr(embedder.model, "preprocess", None) or embedder.model.tokenize
+    assert fast is not prepare  # the all-MiniLM tokeniser takes the fast path
+    ours, theirs = fast(texts), prepare(texts)
+    tensors = [k for k, v in theirs.items() if isinstance(v, torch.Tensor)]
+    assert tensors and all(torch.equal(ours[k], theirs[k].long()) for k in tensors)
+    assert {k: v for k, v in ours.items() if k not in tensors} == {k: v for k, v in theirs.items() if k not in tensors}
