@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="same for both (Nucleus's default: 64)")
     p.add_argument("--bare-batch-sizes", type=int, nargs="*", default=None,
                    help="more batch sizes for the bare side (its best one is reported as well)")
+    p.add_argument("--tokenize-threads", type=int, default=None,
+                   help="the pipelined path's tokeniser threads (default retrieval.embed.TOKENIZE_THREADS)")
     p.add_argument("--shard-size", type=int, default=4096, help="embed_in_shards shard size")
     p.add_argument("--max-tokens", type=int, default=128, help="chunk size in embedder tokens")
     p.add_argument("--min-tokens", type=int, default=24)
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from retrieval.embed import Embedder, embed_in_shards
 
+    if args.tokenize_threads:
+        import retrieval.embed
+
+        retrieval.embed.TOKENIZE_THREADS = args.tokenize_threads
     model_path = resolve_model(args.model)
     # Nucleus side: dtype "auto" = float16 on CUDA, float32 on CPU, as the index stage does.
     embedder = Embedder(model_path, device=args.device, dtype="auto", batch_size=args.batch_size)
@@ -218,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "passages_per_s_median": {s: round(v, 1) for s, v in pps.items()},
         "ratio_nucleus_over_bare": round(pps["nucleus"] / pps["bare"], 4),
         "best_bare_side": best_bare,
+        "tokenize_threads": __import__("retrieval.embed").embed.TOKENIZE_THREADS,
         "ratio_nucleus_over_best_bare": round(pps["nucleus"] / pps[best_bare], 4),
         "tokenize_seconds": round(tokenize_s, 4),
         "tokenize_passages_per_s": round(n / tokenize_s, 1),

@@ -109,12 +109,13 @@ class Embedder:
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)  # in batch order
         self.model.eval()
         done = 0
-        with ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="nucleus-tokenize") as pool:
-            ahead = deque(pool.submit(features, b) for b in batches[:PREFETCH])
+        threads = TOKENIZE_THREADS
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nucleus-tokenize") as pool:
+            ahead = deque(pool.submit(features, b) for b in batches[:2 * threads])
             for n, idx in enumerate(batches):
                 feats = ahead.popleft().result()
-                if n + PREFETCH < len(batches):
-                    ahead.append(pool.submit(features, batches[n + PREFETCH]))
+                if n + 2 * threads < len(batches):
+                    ahead.append(pool.submit(features, batches[n + 2 * threads]))
                 feats = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                          for k, v in feats.items()}
                 with torch.inference_mode():
@@ -163,8 +164,7 @@ class Embedder:
 
 
 TOKENS_PER_PASSAGE = 128  # the token budget of a batch is batch_size x this
-TOKENIZE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))  # one core left to drive the GPU
-PREFETCH = 2 * TOKENIZE_THREADS  # batches tokenised ahead of the model
+TOKENIZE_THREADS = max(1, min(8, (os.cpu_count() or 1) - 1))  # one core left to drive the GPU
 
 
 def _token_budget_batches(texts: list[str], budget: int) -> list[np.ndarray]:
