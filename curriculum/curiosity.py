@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import unknown_choice
+from pipeline.module_spec import Param, module
 
 FEATURES = ("similarity", "degree", "centrality", "log_size", "surprise", "base_loss", "novelty")
 
@@ -239,6 +240,16 @@ class LearnedPolicy(RandomPolicy):
 
 POLICIES: dict[str, Callable[..., RandomPolicy]] = {
     p.name: p for p in (RandomPolicy, NearestPolicy, MaxLossPolicy, Exp3SPolicy, LearnedPolicy)}
+
+POLICY_MODULES = (
+    module("policy", "random", "frontier topics in random order (the control)"),
+    module("policy", "nearest", "the frontier topics most similar to what is explored", needs=("embeddings",)),
+    module("policy", "max_loss", "the frontier topics of highest probe loss", needs=("probe_losses",)),
+    module("policy", "learning_progress", "Exp3.S over frontier topics rewarded by learning progress",
+           needs=("learning_progress",)),
+    module("policy", "learned", "a Bayesian linear model of learning progress from topic features, UCB",
+           (Param("explore.ucb_beta", "float", 1.0, 0.0, 3.0),), needs=("probe_losses", "learning_progress")),
+)
 
 
 def make_policy(name: str, seed: int = 0, **params: float) -> RandomPolicy:

@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.errors import unknown_choice
+from pipeline.module_spec import Param, module
 
 
 class BlockSampler(Protocol):
@@ -435,6 +436,18 @@ SAMPLERS: dict[str, SamplerFactory] = {
     "skillit": lambda block_topics, batch_size, adjacency, k, seed: SkillItSampler(
         block_topics, batch_size, adjacency, seed=seed),
 }
+
+# The catalogue's view of the samplers (curriculum/modules.py): tags and sweepable keys.
+SAMPLER_MODULES = (
+    module("sampler", "uniform", "shuffled blocks, every block once per pass"),
+    module("sampler", "community", "community traversal: a root topic and its graph neighbours per batch",
+           (Param("train.community_k", "int", 2, 0, 6),), needs=("topic_graph",)),
+    module("sampler", "stratified", "equal tokens per topic", needs=("topics",)),
+    module("sampler", "odm", "online data mixing: an EXP3 bandit over topics rewarded by training loss",
+           needs=("topics", "row_losses")),
+    module("sampler", "skillit", "Skill-It: topics whose graph neighbourhood has the highest loss drawn more",
+           needs=("topic_graph", "row_losses")),
+)
 
 
 def make_sampler(name: str, block_topics: np.ndarray, batch_size: int,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import UserError, reading, unknown_choice
+from pipeline.module_spec import Param, module
 
 if TYPE_CHECKING:
     import torch
@@ -217,6 +218,15 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "ties": MergeMethod("ties", True, "peft 'ties': trim to `density`, elect signs, average; rank r"),
     "dare_ties": MergeMethod("dare_ties", True, "peft 'dare_ties': random drop to `density`, rescale, ties; rank r"),
 }
+
+MERGE_MODULES = (
+    module("merge", "linear", "the exact weighted sum of the adapters' deltas (rank: the sum of theirs)"),
+    module("merge", "cat", "peft 'cat': factors stacked along the rank; the same delta as linear"),
+    module("merge", "ties", "peft 'ties': trim, elect signs, average (rank r)",
+           (Param("adapters.merge_density", "float", 0.5, 0.1, 1.0),)),
+    module("merge", "dare_ties", "peft 'dare_ties': random drop, rescale, ties (rank r)",
+           (Param("adapters.merge_density", "float", 0.5, 0.1, 1.0),)),
+)
 
 
 def merge_method(name: str) -> MergeMethod:

@@ -62,6 +62,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Nucleus: knowledge-nucleated, curiosity-driven curriculum training.")
 config_app = typer.Typer(no_args_is_help=True, help="Show, validate or describe configurations.")
 app.add_typer(config_app, name="config")
+modules_app = typer.Typer(no_args_is_help=True, help="The swappable parts: their tags and hyperparameters.")
+app.add_typer(modules_app, name="modules")
 
 RunDir = Annotated[Path, typer.Option("--run-dir", "-r", help="Run directory (all state lives here).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
@@ -549,6 +551,51 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to ch
 def config_schema():
     """Print the JSON schema of the config (every key with its type, default and docs)."""
     typer.echo(json.dumps(NucleusConfig.model_json_schema(), indent=2))
+
+
+def _module_human(m: dict) -> str:
+    lines = [f"{m['kind']}.{m['name']}: {m['summary']}"]
+    if m["provides"]:
+        lines.append(f"  provides: {', '.join(m['provides'])}")
+    if m["needs"]:
+        lines.append(f"  needs:    {', '.join(m['needs'])}")
+    for p in m["params"]:
+        rng = (f" in {p['choices']}" if p.get("choices") else
+               f" in [{p['low']}, {p['high']}]{' (log)' if p.get('log') else ''}" if "low" in p else "")
+        lines.append(f"  param {p['key']} ({p['kind']}, default {p['default']}){rng}")
+    return "\n".join(lines)
+
+
+@modules_app.command("list")
+def modules_list(json_: JsonOpt = False):
+    """Every module by kind, with what it provides and needs and its sweepable keys."""
+    from curriculum import modules
+
+    with _guard():
+        cat = modules.catalogue()
+        out = {kind: [m.to_json() for m in ms.values()] for kind, ms in cat.items()}
+        def human(r: dict) -> str:
+            lines = []
+            for kind, ms in r.items():
+                lines.append(f"{kind} ({modules.KINDS[kind]}):")
+                for m in ms:
+                    tags = [f"needs {', '.join(m['needs'])}"] if m["needs"] else []
+                    tags += [f"params {', '.join(p['key'] for p in m['params'])}"] if m["params"] else []
+                    lines.append(f"  {m['name']:<18} {'; '.join(tags)}")
+            return "\n".join(lines)
+
+        _emit(out, json_, human)
+
+
+@modules_app.command("show")
+def modules_show(name: Annotated[str, typer.Argument(help="A module name, or KIND.NAME (e.g. policy.random).")],
+                 json_: JsonOpt = False):
+    """One module (every module of that name, when two kinds share it)."""
+    from curriculum import modules
+
+    with _guard():
+        found = [m.to_json() for m in modules.find(name)]
+        _emit(found, json_, lambda r: "\n\n".join(_module_human(m) for m in r))
 
 
 def main() -> None:

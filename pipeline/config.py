@@ -508,9 +508,15 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def build_config(data: dict[str, Any], source: str = "config") -> NucleusConfig:
     """Validate a plain dict; every problem is reported at once."""
     try:
-        return NucleusConfig.model_validate(data)
+        cfg = NucleusConfig.model_validate(data)
     except ValidationError as e:
         raise UserError(_format_errors(e, source)) from None
+    from curriculum import modules  # every key is valid on its own: now the modules they pick together
+
+    unmet = modules.problems(cfg)
+    if unmet:
+        raise UserError(f"invalid combination of modules ({source}):\n" + "\n".join(f"  - {x}" for x in unmet))
+    return cfg
 
 
 def resolve_config(

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.module_spec import Param, module
+
 LOSSES = ("full", "chunked")
+LOSS_MODULES = (
+    module("loss", "full", "the model's own loss: logits for every position"),
+    module("loss", "chunked", "output layer and cross-entropy a chunk of positions at a time, recomputed "
+           "in the backward pass (no tokens x vocab tensor kept)", needs=("plain_logits",)),
+)
 
 
 def _core(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.module_spec import Param, module
 
 EOS, PAD = "<|endoftext|>", "<pad>"
 
@@ -28,6 +29,16 @@ PRESETS: dict[str, dict] = {
     "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, max_position_embeddings=2048),
 }
+
+# The catalogue's view (curriculum/modules.py): a scratch preset is a Llama-style model built here
+# (plain logits, ReLoRA-able); `hf` is any local Hugging Face causal LM (`model.base: PATH`),
+# which provides `plain_logits` only when its config.json names a Llama-style model type.
+MODEL_MODULES = (
+    *(module("model", size, f"scratch Llama-style preset ({size})",
+             (Param("model.vocab_size", "int", 4096, 512, 32768, log=True),),
+             provides=("scratch_model", "plain_logits")) for size in PRESETS),
+    module("model", "hf", "a local Hugging Face causal LM (model.base: PATH), trained as LoRA adapters"),
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):

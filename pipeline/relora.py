@@ -19,6 +19,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.module_spec import Param, module
+
+GROWTH_MODULES = (
+    module("growth", "full_rank", "plain full-rank training of the base"),
+    module("growth", "relora", "ReLoRA: a LoRA merged into the base and restarted every N steps",
+           (Param("train.relora_every", "int", 100, 10, 1000, log=True),
+            Param("train.relora_rank", "int", 64, 8, 256, log=True)), needs=("scratch_model",)),
+)
+
 ADAPTER = "default"
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from pipeline.module_spec import Param, module
 
 Edge = tuple[int, int, float]
 
@@ -38,6 +39,13 @@ GRAPH_BUILDERS: dict[str, Callable[[np.ndarray, int, float, int], list[Edge]]] =
     "knn": knn_edges,
     "erdos_renyi": erdos_renyi_edges,
 }
+
+GRAPH_MODULES = (
+    module("graph", "knn", "each topic joined to its k most similar centroids, weighted",
+           (Param("graph.k", "int", 4, 1, 12),), provides=("topic_graph", "similarity_edges"), needs=("embeddings",)),
+    module("graph", "erdos_renyi", "random edges with probability p (a control)",
+           (Param("graph.p", "float", 0.1, 0.02, 0.5, log=True),), provides=("topic_graph",)),
+)
 EDGE_KIND = {"knn": "similarity", "erdos_renyi": "random"}
 
 

@@ -125,6 +125,14 @@ CASES = [
     Case("group-by-not-a-choice", ["index", *R, "--set", "topics.group_by=entity"], ("`topics.group_by`", "'entity'")),
     Case("compile-not-a-choice", ["train", *R, "--set", "train.compile=sometimes"], ("`train.compile`", "'sometimes'")),
     Case("loss-not-a-choice", ["train", *R, "--set", "train.loss=fused"], ("`train.loss`", "'fused'")),
+    # an invalid combination of modules: each key valid alone, a chosen module's need unmet
+    Case("chunked-loss-needs-plain-logits", ["train", *R, "--set", "model.base={tmp}/hf", "--set", "train.loss=chunked"],
+         ("invalid combination of modules", "`train.loss`", "'chunked' needs `plain_logits`", "model.base=scratch"),
+         inputs={"hf/config.json": '{"model_type": "gemma2"}'}),
+    Case("relora-needs-a-scratch-model", ["train", *R, "--set", "model.base={tmp}/hf", "--set", "train.relora_every=5"],
+         ("`train.relora_every`", "'relora' needs `scratch_model`"), inputs={"hf/config.json": '{"model_type": "llama"}'}),
+    Case("unknown-module", ["modules", "show", "comunity"], ("unknown module 'comunity'", "Did you mean 'community'"),
+         start="new"),
     Case("validation-fraction-out-of-range", ["index", *R, "--set", "split.validation_fraction=0.7"],
          ("`split.validation_fraction`", "0.7")),
     Case("relora-every-above-steps", ["train", *R, "--force", "--set", "train.relora_every=100000"],
@@ -292,6 +300,7 @@ def test_bad_input_and_damage_change_nothing(case: Case, runs, tmp_path):
     elif case.start == "foreign":
         run.mkdir()
     for name, data in case.inputs.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     if case.id == "corpus-fifo":
         os.mkfifo(tmp_path / "pipe.txt")
