@@ -11,7 +11,7 @@ from tests.conftest import nucleus
 
 def test_command_table_matches_typer_commands_and_stage_modules():
     commands = {c.name or c.callback.__name__ for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    assert commands == set(STAGES) | set(SERVICES) | set(TOOLS) | {"config"}
+    assert commands == set(STAGES) | set(SERVICES) | set(TOOLS) | {"config", "modules"}
     assert set(SERVICES).isdisjoint(STAGES) and set(TOOLS).isdisjoint(set(STAGES) | set(SERVICES))
     stage_modules = {m.name for m in pkgutil.iter_modules(pipeline.__path__)
                      if hasattr(__import__(f"pipeline.{m.name}", fromlist=["run"]), "run")}

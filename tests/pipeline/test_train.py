@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import datasets
 import numpy as np
@@ -90,7 +91,7 @@ def test_training_again_is_a_no_op(adapter_run):
     assert again.skipped and again.metrics == result.metrics
 
 
-def test_kill_then_resume_continues_with_the_same_steps(trained_run_copy, trained_run):
+def test_kill_then_resume_continues_with_the_same_steps(trained_run_copy, trained_run, tmp_path):
     args = ["train", "--run-dir", str(trained_run_copy), "-n", "topic-0", "--set", "lora.steps=60"]
     state = trained_run_copy / "checkpoints" / "topic-0" / "latest" / "state.json"
     killed_at = kill_at_checkpoint(args, state, 20)
@@ -102,8 +103,11 @@ def test_kill_then_resume_continues_with_the_same_steps(trained_run_copy, traine
     assert resumed["resumed_from"] == killed_at and resumed["steps"] == 60
     assert not (trained_run_copy / "checkpoints" / "topic-0").exists()
 
-    # the same training without the kill, in the original run
-    ws = Workspace(trained_run)
+    # the same training without the kill, on a second copy: the session's shared run stays as
+    # other tests expect it (an adapter trained in it changes what `explore` sees)
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(trained_run, uninterrupted)
+    ws = Workspace(uninterrupted)
     full = train.run(_cfg(ws, "lora.steps=60"), ws, "topic-0").to_json()
     assert resumed["tokens"] == full["tokens"]
     for key in ("nb/topic-0/ppl", "heldout/ppl"):
