@@ -37,6 +37,10 @@ KINDS: dict[str, str] = {
     "merge": "adapters.merge_method",
 }
 
+# The kinds a sweep's trial may choose (`sweep.space`): what changes without re-indexing the
+# corpus or training another tokenizer.
+SWEEPABLE_KINDS = ("sampler", "growth")
+
 # Tags every configuration provides: the training loop reports per-row losses, the index stage
 # builds a topic graph from embeddings, `explore` probes candidate topics.
 ALWAYS: frozenset[str] = frozenset({"row_losses", "topics", "topic_graph", "embeddings", "probe_losses",

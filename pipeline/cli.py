@@ -29,6 +29,7 @@ from pipeline import nucleate as nucleate_stage
 from pipeline import report as report_stage
 from pipeline import retrieve as retrieve_stage
 from pipeline import run as run_stage
+from pipeline import sweep as sweep_stage
 from pipeline import train as train_stage
 from pipeline import train_joint
 from pipeline.config import NucleusConfig, load_config_file, resolve_config, to_yaml
@@ -47,6 +48,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "run": run_stage.run,
     "retrieve": retrieve_stage.run,
     "adapters": adapters_stage.run,
+    "sweep": sweep_stage.run,
 }
 # Commands that serve or inspect a run rather than run a stage: Celery workers and the job ledger.
 SERVICES: dict[str, Callable[..., Any]] = {
@@ -551,6 +553,33 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config to ch
 def config_schema():
     """Print the JSON schema of the config (every key with its type, default and docs)."""
     typer.echo(json.dumps(NucleusConfig.model_json_schema(), indent=2))
+
+
+def _sweep_human(r: dict) -> str:
+    lines = [f"sweep '{r['study']}' in {r['storage']}: {r['trials_complete']} complete, {r['trials_failed']} failed"
+             f" ({r['ran_here']} run by this worker)"]
+    for t in sorted((t for t in r["trials"] if t["state"] == "COMPLETE"), key=lambda t: t["value"]):
+        lines.append(f"  #{t['number']:<3} val loss {t['value']:.4f} (ppl {t['validation_ppl']:.1f})  {t['params']}")
+    if r["best"]:
+        lines.append(f"best: #{r['best']['number']} {r['best']['params']}")
+    return "\n".join(lines)
+
+
+@app.command()
+def sweep(run_dir: RunDir,
+          action: Annotated[str, typer.Argument(help="`run` (claim and run trials) or `report`.")] = "run",
+          config: ConfigFile = None, set_: SetOpt = None, json_: JsonOpt = False):
+    """An Optuna study over modules and hyperparameters; every `nucleus sweep` process is a worker."""
+    with _guard():
+        if action not in ("run", "report"):
+            raise UserError(f"sweep: unknown action '{action}'. Choose run or report.")
+        if action == "report":
+            cfg, ws = _reader("sweep report", run_dir, config, set_)
+            _emit(sweep_stage.report(cfg, ws).to_json(), json_, _sweep_human)
+            return
+        with _stage("sweep", run_dir, config, set_, False, sweep_stage.check) as (cfg, ws):
+            result = STAGES["sweep"](cfg, ws)
+        _emit(result.to_json(), json_, _sweep_human)
 
 
 def _module_human(m: dict) -> str:

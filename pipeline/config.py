@@ -403,6 +403,45 @@ class AdaptersConfig(Section):
         return _registry_choice(v, MERGE_METHODS)
 
 
+class SweepConfig(Section):
+    """`nucleus sweep`: an Optuna study over modules and their hyperparameters (pipeline/sweep.py)."""
+
+    storage: str = "auto"
+    """`auto` (an Optuna journal file in the run directory: one machine) or a `postgresql://user@host:port/db` URL (workers on many machines share the study)."""
+    study: str = Field(default="nucleus", min_length=1, max_length=120)
+    """Name of the study in the storage."""
+    trials: int = Field(default=8, ge=1)
+    """Completed trials wanted, across all workers."""
+    steps: int = Field(default=40, ge=1)
+    """Training steps of each trial (a fresh scratch model, scored on the validation split)."""
+    space: list[str] = ["sampler"]
+    """Module kinds a trial chooses (`sampler`, `growth`); each chosen module's own keys are drawn from their catalogue ranges (`nucleus modules`)."""
+    heartbeat_s: int = Field(default=10, ge=1)
+    """PostgreSQL storage: seconds between a running trial's heartbeats; one silent for twice that is failed and retried."""
+    max_retry: int = Field(default=2, ge=0)
+    """Times a trial killed with its worker is run again."""
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if v != "auto" and not v.startswith(("postgresql://", "postgresql+psycopg2://")):
+            raise ValueError("must be `auto` or a postgresql:// URL")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: list[str]) -> list[str]:
+        from curriculum.modules import SWEEPABLE_KINDS
+
+        if not v:
+            raise ValueError("must name at least one module kind (the space is empty)")
+        for kind in v:
+            _registry_choice(kind, SWEEPABLE_KINDS)
+        if len(set(v)) != len(v):
+            raise ValueError("names a kind twice")
+        return v
+
+
 class NucleusConfig(Section):
     """The whole configuration. One section per stage; `seed` seeds every random choice."""
 
@@ -423,6 +462,7 @@ class NucleusConfig(Section):
     explore: ExploreConfig = ExploreConfig()
     jobs: JobsConfig = JobsConfig()
     adapters: AdaptersConfig = AdaptersConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 def config_fields(model: type[BaseModel] = NucleusConfig, prefix: str = ""):

@@ -37,7 +37,8 @@ STAGE_ORDER = ("index", "nucleate", "train", "explore")
 # these, and a rejected command removes only these when it made them.
 LAYOUT = ("config.yaml", "meta.json", "corpus", "index", "topics", "kg", "neighborhoods", "model", "adapters",
           "checkpoints", "logs", "ledger.sqlite", "ledger.sqlite-journal", "ledger.sqlite-wal",
-          "ledger.sqlite-shm", "explore", "reports", "queue", ".cache", "evals", "locks", "adapters_eval.json", "qa")
+          "ledger.sqlite-shm", "explore", "reports", "queue", ".cache", "evals", "locks", "adapters_eval.json", "qa",
+          "sweep")
 # What a command may create before its first artifact (and a rejected one then removes): the
 # job ledger and the embedded broker's folders, opened before any work starts.
 BOOKKEEPING = ("ledger.sqlite", "ledger.sqlite-journal", "ledger.sqlite-wal", "ledger.sqlite-shm", "queue",

@@ -1,0 +1,296 @@
+"""`nucleus sweep`: an Optuna study over combinations of modules and their hyperparameters.
+
+Each trial is a real training through the product's own loop: a fresh scratch model on the
+run's train split for `sweep.steps` steps under the trial's modules (sampler, ReLoRA or not,
+their keys from the module catalogue), scored by its loss on the **validation** split, so
+choosing by it never fits the held-out split final results are scored on.
+
+Every `nucleus sweep` process is a worker: it claims trials from the shared study until
+`sweep.trials` have completed. Storage:
+
+- `auto`: an Optuna journal file in the run directory (`sweep/journal.log`), safe for several
+  workers on one machine (file lock). Optuna's heartbeat does not cover it, so a trial whose
+  worker was killed is failed, and its parameters queued again, by the next worker that starts
+  on the same machine (its owner's host and pid are recorded on the trial).
+- `postgresql://...`: Optuna's RDB storage, for workers on many machines. Each running trial
+  beats every `sweep.heartbeat_s`; one silent for twice that is failed and retried
+  (`RetryFailedTrialCallback`, up to `sweep.max_retry` times) by whichever worker looks next.
+
+A finished trial is a committed row in the storage: a kill at any point loses at most the
+trial in flight, which is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from curriculum import modules
+from curriculum.samplers import make_sampler
+from pipeline import nucleate as nucleate_stage
+from pipeline import relora
+from pipeline.config import NucleusConfig, build_config, deep_merge
+from pipeline.errors import UserError
+from pipeline.evaluate import passage_nll
+from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
+from pipeline.model import build_scratch_model, train_tokenizer
+from pipeline.train import RunData, autocast_dtype, fit_settings
+from pipeline.trainer import fit
+from pipeline.workspace import Workspace
+
+log = logging.getLogger("nucleus.sweep")
+
+SWEEPABLE_KINDS = modules.SWEEPABLE_KINDS
+
+
+@dataclass
+class SweepResult:
+    run_dir: str
+    storage: str
+    study: str
+    trials_complete: int
+    trials_failed: int
+    ran_here: int
+    best: dict | None = None
+    trials: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def storage_label(cfg: NucleusConfig, ws: Workspace) -> str:
+    s = cfg.sweep.storage
+    return str(ws.root / "sweep" / "journal.log") if s == "auto" else s.split("@")[-1]  # no password echoed
+
+
+def open_storage(cfg: NucleusConfig, ws: Workspace):
+    import warnings
+
+    import optuna
+
+    # heartbeats and their retry callback are marked experimental by Optuna: say it once, here
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    s = cfg.sweep
+    if s.storage == "auto":
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+        path = ws.root / "sweep" / "journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    # the driver Nucleus installs (SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://)
+    url = "postgresql+psycopg2://" + s.storage.removeprefix("postgresql://") if s.storage.startswith(
+        "postgresql://") else s.storage
+    last: Exception | None = None
+    for attempt in range(3):  # workers starting together race to create the tables: the loser retries
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=s.heartbeat_s, grace_period=2 * s.heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=s.max_retry),
+                engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}})
+        except Exception as e:  # sqlalchemy's OperationalError, a missing driver, a bad URL
+            last = e
+            time.sleep(0.5 * (attempt + 1))
+    raise UserError(f"sweep.storage: cannot open '{storage_label(cfg, ws)}' "
+                    f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}).") from None
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive_here(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's worker: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+
+
+def recover_orphans(study, max_retry: int) -> int:
+    """The journal storage's stand-in for the heartbeat: fail every running trial whose worker
+    on this machine is gone, and queue its parameters again (once per original, up to
+    `max_retry` times). Returns how many were failed."""
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if owner is None or _alive_here(owner):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        n += 1
+        retries = int(t.user_attrs.get("retries", 0))
+        if retries < max_retry:
+            study.enqueue_trial(t.params, user_attrs={"retries": retries + 1,
+                                                      "retry_of": t.user_attrs.get("retry_of", t.number)},
+                                skip_if_exists=False)
+    if n:
+        log.info("sweep: %d trial(s) of dead workers failed and queued again", n)
+    return n
+
+
+# ------------------------------------------------------------------------------ trials
+
+
+def suggest(trial, cfg: NucleusConfig) -> dict:
+    """The trial's config overrides: one module per kind in `sweep.space`, then each chosen
+    module's own hyperparameters from their catalogue ranges."""
+    cat = modules.catalogue()
+    tags = modules.provided(cfg)
+    sets: dict = {}
+    for kind in cfg.sweep.space:
+        names = sorted(n for n, m in cat[kind].items() if not (m.needs - tags - m.provides))
+        name = trial.suggest_categorical(kind, names)
+        if kind == "sampler":
+            sets.setdefault("train", {})["sampler"] = name
+        elif kind == "growth" and name == "full_rank":
+            sets.setdefault("train", {})["relora_every"] = None
+        for p in cat[kind][name].params:
+            if p.kind == "int":
+                v = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log)
+            elif p.kind == "float":
+                v = trial.suggest_float(p.key, p.low, p.high, log=p.log)
+            elif p.kind == "bool":
+                v = trial.suggest_categorical(p.key, [False, True])
+            else:
+                v = trial.suggest_categorical(p.key, list(p.choices))
+            section, _, key = p.key.partition(".")
+            sets.setdefault(section, {})[key] = v
+    return sets
+
+
+class TrialWorld:
+    """What every trial of a worker shares: the run's data, one tokenizer, the blocks, the
+    validation set and the topic graph (a trial changes none of them)."""
+
+    def __init__(self, cfg: NucleusConfig, ws: Workspace, device: torch.device):
+        data = RunData.load(ws)
+        rows = np.flatnonzero(data.trainable).tolist()
+        self.tokenizer = train_tokenizer(passage_texts(data.corpus, rows), cfg.model.vocab_size)
+        ids = tokenize(self.tokenizer, passage_texts(data.corpus, rows))
+        self.blocks = pack_by_topic(ids, data.topic_of[rows].tolist(), cfg.train.block_size,
+                                    self.tokenizer.pad_token_id)
+        val = data.signal_rows()  # the validation split (held-out only for a run indexed without one)
+        self.val_set = make_eval_set(self.tokenizer, data.corpus, val, data.topic_of[val].tolist(),
+                                     cfg.train.block_size)
+        self.graph = nucleate_stage.load_topic_graph(ws).adjacency()
+        self.device = device
+
+
+def train_and_score(cfg: NucleusConfig, world: TrialWorld) -> float:
+    """Validation loss (mean NLL per token) of a fresh scratch model after `sweep.steps` steps."""
+    t, device = cfg.train, world.device
+    model = build_scratch_model(world.tokenizer, cfg.model.size, cfg.seed)
+    settings = fit_settings(cfg, cfg.sweep.steps, t.lr, device, replay=False)
+    if t.relora_every is not None:
+        import dataclasses
+
+        model = relora.wrap(model, t.relora_rank, cfg.seed)
+        settings = dataclasses.replace(settings, relora_every=t.relora_every, relora_warmup=t.relora_warmup,
+                                       relora_prune=t.relora_prune)
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    fit(model, world.blocks, lambda: iter(make_sampler(t.sampler, world.blocks.topics, t.batch_size, world.graph,
+                                                       t.community_k, cfg.seed)),
+        settings, device, desc="sweep trial")
+    nll, count = passage_nll(model, world.val_set, t.eval_batch_size, device, world.tokenizer.pad_token_id,
+                             autocast_dtype(cfg, device))
+    return float(nll.sum() / max(count.sum(), 1.0))
+
+
+def trial_config(cfg: NucleusConfig, sets: dict) -> NucleusConfig:
+    return build_config(deep_merge(cfg.model_dump(mode="json"), sets), "sweep trial")
+
+
+# --------------------------------------------------------------------------------- run
+
+
+def check(cfg: NucleusConfig, ws: Workspace) -> None:
+    """What `run` would reject, before anything is written: the stages it needs, the base."""
+    ws.require("nucleate", "sweep")
+    if cfg.model.base != "scratch":
+        raise UserError(f"model.base: a sweep's trials train a scratch model, got '{cfg.model.base}'. "
+                        "Use model.base: scratch.")
+
+
+def run(cfg: NucleusConfig, ws: Workspace) -> SweepResult:
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from pipeline.model import resolve_device
+
+    check(cfg, ws)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(cfg, ws)
+    try:
+        study = optuna.create_study(study_name=cfg.sweep.study, storage=storage, direction="minimize",
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed), load_if_exists=True)
+    except Exception as e:  # an unreachable database shows up here with RDB storage
+        raise UserError(f"sweep.storage: cannot use '{storage_label(cfg, ws)}' "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+    if cfg.sweep.storage == "auto":
+        recover_orphans(study, cfg.sweep.max_retry)
+    device = resolve_device(cfg.train.device)
+    world: TrialWorld | None = None
+    ran = 0
+
+    def objective(trial) -> float:
+        nonlocal world, ran
+        trial.set_user_attr("owner", _owner())
+        sets = suggest(trial, cfg)
+        tcfg = trial_config(cfg, sets)
+        if world is None:
+            world = TrialWorld(cfg, ws, device)
+        score = train_and_score(tcfg, world)
+        trial.set_user_attr("validation_ppl", float(np.exp(score)))
+        ran += 1
+        return score
+
+    def complete() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    if complete() < cfg.sweep.trials:
+        study.optimize(objective, callbacks=[MaxTrialsCallback(cfg.sweep.trials, states=(TrialState.COMPLETE,))],
+                       catch=())
+    # Retries of killed trials still queued when the count was reached are run too: a trial a
+    # kill interrupted ends completed, never left behind.
+    if cfg.sweep.storage != "auto":
+        optuna.storages.fail_stale_trials(study)
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if waiting:
+        study.optimize(objective, n_trials=waiting, catch=())
+    return report(cfg, ws, study, ran)
+
+
+def report(cfg: NucleusConfig, ws: Workspace, study=None, ran: int = 0) -> SweepResult:
+    import optuna
+    from optuna.trial import TrialState
+
+    if study is None:
+        study = optuna.load_study(study_name=cfg.sweep.study, storage=open_storage(cfg, ws))
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    rows = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
+             "validation_ppl": t.user_attrs.get("validation_ppl"), "retry_of": t.user_attrs.get("retry_of")}
+            for t in trials]
+    best = min(done, key=lambda t: t.value) if done else None
+    return SweepResult(run_dir=str(ws.root), storage=storage_label(cfg, ws), study=cfg.sweep.study,
+                       trials_complete=len(done), trials_failed=sum(t.state == TrialState.FAIL for t in trials),
+                       ran_here=ran, best=({"number": best.number, "params": best.params, "value": best.value}
+                                           if best else None), trials=rows)
