@@ -5,8 +5,8 @@ Each registry declares its modules where the parts are defined (`SAMPLER_MODULES
 says what it *provides* and what it *needs* (tags such as `topic_graph`, `row_losses`,
 `plain_logits`). A configuration picks one module of each kind; it is a valid combination when
 every need of a chosen module is provided by another chosen module or by the configuration
-itself (`provided`). An invalid one is a `UserError` naming the config key, the unmet need and
-what would meet it.
+itself (`provided`). `problems` names, for an invalid one, the config key, the unmet need and
+what would meet it (`pipeline.config.build_config` turns them into the exit-2 error).
 
 The hyperparameters are config keys with a type, a default (the config's own, checked by a
 test) and a range: what a sweep may vary.
@@ -17,12 +17,13 @@ test) and a range: what a sweep may vary.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from pathlib import Path
 
-from pipeline.errors import UserError, unknown_choice
-from pipeline.module_spec import Module, Param, module  # noqa: F401  (re-exported: the catalogue's types)
+from pipeline.errors import unknown_choice
+from pipeline.module_spec import Module
 
 
 # kind -> the config key that chooses it. `model` and `growth` are chosen by two keys each (see
@@ -50,8 +51,9 @@ ALWAYS: frozenset[str] = frozenset({"row_losses", "topics", "topic_graph", "embe
 PLAIN_LOGIT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3", "olmo", "olmo2"})
 
 
+@functools.cache
 def catalogue() -> dict[str, dict[str, Module]]:
-    """kind -> name -> Module, from every registry's declarations."""
+    """kind -> name -> Module, from every registry's declarations (built once; read-only)."""
     from curriculum.curiosity import POLICY_MODULES
     from curriculum.samplers import SAMPLER_MODULES
     from curriculum.tethers import MERGE_MODULES
@@ -70,7 +72,7 @@ def catalogue() -> dict[str, dict[str, Module]]:
 def find(name: str) -> list[Module]:
     """Every module called `name` (a name may exist in two kinds, `random`...), or a UserError."""
     cat = catalogue()
-    kind, _, short = name.rpartition(".") if "." in name else ("", "", name)
+    kind, _, short = name.rpartition(".")  # ("", "", name) without a kind
     hits = [m for k, ms in cat.items() for n, m in ms.items() if n == short and kind in ("", k)]
     if not hits:
         raise unknown_choice("module", name, {n for ms in cat.values() for n in ms})
@@ -149,13 +151,6 @@ def problems(cfg) -> list[str]:
         lines.append(f"`{KINDS[m.kind]}`: '{m.name}' needs `{need}`, which this configuration does not "
                      f"provide ({fix}).")
     return lines
-
-
-def check(cfg) -> None:
-    """UserError when a chosen module's need is unmet."""
-    lines = problems(cfg)
-    if lines:
-        raise UserError("invalid combination of modules:\n" + "\n".join(f"  - {x}" for x in lines))
 
 
 def valid_combinations(kinds: tuple[str, ...], base_tags: set[str] | None = None) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ Every `nucleus sweep` process is a worker: it claims trials from the shared stud
   on the same machine (its owner's host and pid are recorded on the trial).
 - `postgresql://...`: Optuna's RDB storage, for workers on many machines. Each running trial
   beats every `sweep.heartbeat_s`; one silent for twice that is failed and retried
-  (`RetryFailedTrialCallback`, up to `sweep.max_retry` times) by whichever worker looks next.
+  (`RetryHeartbeatStaleTrialCallback`, up to `sweep.max_retry` times) by whichever worker looks next.
 
 A finished trial is a committed row in the storage: a kill at any point loses at most the
 trial in flight, which is retried.
@@ -40,13 +40,11 @@ from pipeline.errors import UserError
 from pipeline.evaluate import passage_nll
 from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
 from pipeline.model import build_scratch_model, train_tokenizer
-from pipeline.train import RunData, autocast_dtype, fit_settings
+from pipeline.train import RunData, autocast_dtype, fit_settings, relora_settings
 from pipeline.trainer import fit
 from pipeline.workspace import Workspace
 
 log = logging.getLogger("nucleus.sweep")
-
-SWEEPABLE_KINDS = modules.SWEEPABLE_KINDS
 
 
 @dataclass
@@ -156,10 +154,11 @@ def suggest(trial, cfg: NucleusConfig) -> dict:
     for kind in cfg.sweep.space:
         names = sorted(n for n, m in cat[kind].items() if not (m.needs - tags - m.provides))
         name = trial.suggest_categorical(kind, names)
-        if kind == "sampler":
-            sets.setdefault("train", {})["sampler"] = name
-        elif kind == "growth" and name == "full_rank":
-            sets.setdefault("train", {})["relora_every"] = None
+        section, _, key = modules.KINDS[kind].partition(".")
+        if kind != "growth":  # a registry-valued key takes the name; growth is relora_every's (un)setting
+            sets.setdefault(section, {})[key] = name
+        elif name == "full_rank":
+            sets.setdefault(section, {})[key] = None
         for p in cat[kind][name].params:
             if p.kind == "int":
                 v = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log)
@@ -198,11 +197,8 @@ def train_and_score(cfg: NucleusConfig, world: TrialWorld) -> float:
     model = build_scratch_model(world.tokenizer, cfg.model.size, cfg.seed)
     settings = fit_settings(cfg, cfg.sweep.steps, t.lr, device, replay=False)
     if t.relora_every is not None:
-        import dataclasses
-
         model = relora.wrap(model, t.relora_rank, cfg.seed)
-        settings = dataclasses.replace(settings, relora_every=t.relora_every, relora_warmup=t.relora_warmup,
-                                       relora_prune=t.relora_prune)
+        settings = relora_settings(cfg, settings)
     model.to(device)
     torch.manual_seed(cfg.seed)
     fit(model, world.blocks, lambda: iter(make_sampler(t.sampler, world.blocks.topics, t.batch_size, world.graph,

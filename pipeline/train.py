@@ -272,6 +272,13 @@ def uses_relora(cfg: NucleusConfig, kind: str) -> bool:
     return kind == "full" and cfg.train.relora_every is not None
 
 
+def relora_settings(cfg: NucleusConfig, settings: FitSettings) -> FitSettings:
+    """`settings` with the ReLoRA cycle of `train.relora_*` (for a model `relora.wrap` wrapped)."""
+    t = cfg.train
+    return dataclasses.replace(settings, relora_every=t.relora_every, relora_warmup=t.relora_warmup,
+                               relora_prune=t.relora_prune)
+
+
 def add_lora(cfg: NucleusConfig, model):
     from peft import LoraConfig, get_peft_model
 
@@ -347,8 +354,7 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
     steps = t.nucleus_steps if kind == "full" else cfg.lora.steps
     settings = fit_settings(cfg, steps, t.lr if kind == "full" else cfg.lora.lr, device, replay is not None)
     if uses_relora(cfg, kind):
-        settings = dataclasses.replace(settings, relora_every=t.relora_every, relora_warmup=t.relora_warmup,
-                                       relora_prune=t.relora_prune)
+        settings = relora_settings(cfg, settings)
     checkpoints = ws.root / "checkpoints" / nb.id
     tag = section_hash(cfg, stage_sections(cfg, nb.id))  # a checkpoint resumes only the same training
     start = checkpoint_step(checkpoints, tag) if resume else None

@@ -59,6 +59,7 @@ class Embedder:
         if dtype == "auto":
             dtype = "float16" if self.device.startswith("cuda") else "float32"
         self.dtype = dtype
+        self._prepare = None  # encode_pipelined's tokenisation, chosen at its first call
         # Always cast: a model saved in float16 loads as float16, which is slow on a CPU.
         self.model.to(getattr(torch, dtype))
 
@@ -100,7 +101,9 @@ class Embedder:
         batches = _token_budget_batches(texts, (batch_size or self.batch_size) * TOKENS_PER_PASSAGE)
         device = torch.device(self.device)
         pin = device.type == "cuda"
-        prepare = self._features_fn(texts[:64])
+        if self._prepare is None:  # chosen (and checked against the model's own) once per embedder
+            self._prepare = self._features_fn(texts[:64])
+        prepare = self._prepare
 
         def features(idx: np.ndarray) -> dict:
             feats = prepare([texts[i] for i in idx])

@@ -139,6 +139,8 @@ CASES = [
     Case("sweep-space-empty", ["sweep", *R, "--set", "sweep.space=[]"], ("`sweep.space`", "empty")),
     Case("sweep-space-unknown-kind", ["sweep", *R, "--set", "sweep.space=[samplr]"],
          ("`sweep.space`", "Did you mean 'sampler'")),
+    Case("sweep-space-twice", ["sweep", *R, "--set", "sweep.space=[sampler,sampler]"],
+         ("`sweep.space`", "twice")),
     Case("sweep-trials-zero", ["sweep", *R, "--set", "sweep.trials=0"], ("`sweep.trials`", "0")),
     Case("sweep-steps-zero", ["sweep", *R, "--set", "sweep.steps=0"], ("`sweep.steps`", "0")),
     Case("sweep-heartbeat-zero", ["sweep", *R, "--set", "sweep.heartbeat_s=0"], ("`sweep.heartbeat_s`", "0")),
