@@ -562,6 +562,15 @@ def _sweep_human(r: dict) -> str:
         lines.append(f"  #{t['number']:<3} val loss {t['value']:.4f} (ppl {t['validation_ppl']:.1f})  {t['params']}")
     if r["best"]:
         lines.append(f"best: #{r['best']['number']} {r['best']['params']}")
+    a = r.get("ace")
+    if a:
+        lines.append(f"ACE (fit on {a['fit_on']} trials; leave-one-out rank correlation {a['loo_spearman']:.2f}; "
+                     f"{a['untested_combinations']} of {a['combinations']} module combinations untested):")
+        lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in a["importance"].items()))
+        for c in a["best"]:
+            seen = (f"measured {c['measured_best']:.4f} in {c['measured_trials']}" if c["measured_trials"]
+                    else "untested")
+            lines.append(f"  predicted {c['mean']:.4f} ± {c['sd']:.4f} ({seen})  {c['params']}")
     return "\n".join(lines)
 
 

@@ -416,6 +416,12 @@ class SweepConfig(Section):
     """Training steps of each trial (a fresh scratch model, scored on the validation split)."""
     space: list[str] = ["sampler"]
     """Module kinds a trial chooses (`sampler`, `growth`); each chosen module's own keys are drawn from their catalogue ranges (`nucleus modules`)."""
+    sampler: Literal["ace", "tpe", "random"] = "ace"
+    """How the next trial is chosen: `ace` (the combination engine, curriculum/ace.py: the lowest lower confidence bound of its prediction), Optuna's `tpe`, or `random`."""
+    startup_trials: int = Field(default=6, ge=1)
+    """Random trials before `ace` or `tpe` start choosing."""
+    ace_kappa: float = Field(default=1.0, ge=0.0)
+    """`ace`: how far it explores: it tests the point with the lowest predicted score minus `ace_kappa` standard deviations."""
     heartbeat_s: int = Field(default=10, ge=1)
     """PostgreSQL storage: seconds between a running trial's heartbeats; one silent for twice that is failed and retried."""
     max_retry: int = Field(default=2, ge=0)

@@ -26,12 +26,12 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
-from curriculum import modules
+from curriculum import ace, modules
 from curriculum.samplers import make_sampler
 from pipeline import nucleate as nucleate_stage
 from pipeline import relora
@@ -57,6 +57,7 @@ class SweepResult:
     ran_here: int
     best: dict | None = None
     trials: list[dict] = field(default_factory=list)
+    ace: dict | None = None  # the combination engine's view (`ace_report`), from 3 completed trials
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -145,32 +146,62 @@ def recover_orphans(study, max_retry: int) -> int:
 # ------------------------------------------------------------------------------ trials
 
 
-def suggest(trial, cfg: NucleusConfig) -> dict:
-    """The trial's config overrides: one module per kind in `sweep.space`, then each chosen
-    module's own hyperparameters from their catalogue ranges."""
+def search_space(cfg: NucleusConfig) -> ace.Space:
+    """The sweep's space: for each kind of `sweep.space`, which module (among those whose needs
+    this configuration meets), then each module's keys from their catalogue ranges, active only
+    when that module is chosen (a key two modules share is one dimension)."""
     cat = modules.catalogue()
     tags = modules.provided(cfg)
-    sets: dict = {}
+    dims: list[ace.Dim] = []
     for kind in cfg.sweep.space:
         names = sorted(n for n, m in cat[kind].items() if not (m.needs - tags - m.provides))
-        name = trial.suggest_categorical(kind, names)
-        section, _, key = modules.KINDS[kind].partition(".")
-        if kind != "growth":  # a registry-valued key takes the name; growth is relora_every's (un)setting
-            sets.setdefault(section, {})[key] = name
-        elif name == "full_rank":
-            sets.setdefault(section, {})[key] = None
-        for p in cat[kind][name].params:
-            if p.kind == "int":
-                v = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log)
-            elif p.kind == "float":
-                v = trial.suggest_float(p.key, p.low, p.high, log=p.log)
-            elif p.kind == "bool":
-                v = trial.suggest_categorical(p.key, [False, True])
-            else:
-                v = trial.suggest_categorical(p.key, list(p.choices))
-            section, _, key = p.key.partition(".")
-            sets.setdefault(section, {})[key] = v
+        dims.append(ace.Dim(kind, choices=tuple(names)))
+        keys: dict[str, ace.Dim] = {}
+        for name in names:
+            for p in cat[kind][name].params:
+                when = ((kind, name),)
+                if p.key in keys:
+                    keys[p.key] = replace(keys[p.key], when=keys[p.key].when + when)
+                elif p.kind in ("int", "float"):
+                    keys[p.key] = ace.Dim(p.key, low=p.low, high=p.high, log=p.log, integer=p.kind == "int", when=when)
+                else:
+                    keys[p.key] = ace.Dim(p.key, choices=(False, True) if p.kind == "bool" else tuple(p.choices),
+                                          when=when)
+        dims += keys.values()
+    return ace.Space(dims)
+
+
+def suggest(trial, cfg: NucleusConfig) -> dict:
+    """The trial's config overrides: one module per kind in `sweep.space`, then each chosen
+    module's own hyperparameters."""
+    from curriculum import ace_sampler
+
+    sets: dict = {}
+    for name, value in ace_sampler.suggest(trial, search_space(cfg)).items():
+        if name in modules.KINDS:
+            section, _, key = modules.KINDS[name].partition(".")
+            if name != "growth":  # a registry-valued key takes the name; growth is relora_every's (un)setting
+                sets.setdefault(section, {})[key] = value
+            elif value == "full_rank":
+                sets.setdefault(section, {})[key] = None
+        else:
+            section, _, key = name.partition(".")
+            sets.setdefault(section, {})[key] = value
     return sets
+
+
+def make_sampler_for(cfg: NucleusConfig, space: ace.Space):
+    """The Optuna sampler `sweep.sampler` names."""
+    import optuna
+
+    from curriculum import ace_sampler
+
+    s = cfg.sweep
+    if s.sampler == "ace":
+        return ace_sampler.AceSampler(space, startup=s.startup_trials, kappa=s.ace_kappa, seed=cfg.seed)
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=s.startup_trials)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
 class TrialWorld:
@@ -236,7 +267,7 @@ def run(cfg: NucleusConfig, ws: Workspace) -> SweepResult:
     storage = open_storage(cfg, ws)
     try:
         study = optuna.create_study(study_name=cfg.sweep.study, storage=storage, direction="minimize",
-                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed), load_if_exists=True)
+                                    sampler=make_sampler_for(cfg, search_space(cfg)), load_if_exists=True)
     except Exception as e:  # an unreachable database shows up here with RDB storage
         raise UserError(f"sweep.storage: cannot use '{storage_label(cfg, ws)}' "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
@@ -283,10 +314,38 @@ def report(cfg: NucleusConfig, ws: Workspace, study=None, ran: int = 0) -> Sweep
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     rows = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
-             "validation_ppl": t.user_attrs.get("validation_ppl"), "retry_of": t.user_attrs.get("retry_of")}
-            for t in trials]
+             "validation_ppl": t.user_attrs.get("validation_ppl"), "retry_of": t.user_attrs.get("retry_of"),
+             "predicted": t.user_attrs.get(ace.PREDICTED)} for t in trials]
     best = min(done, key=lambda t: t.value) if done else None
     return SweepResult(run_dir=str(ws.root), storage=storage_label(cfg, ws), study=cfg.sweep.study,
                        trials_complete=len(done), trials_failed=sum(t.state == TrialState.FAIL for t in trials),
                        ran_here=ran, best=({"number": best.number, "params": best.params, "value": best.value}
-                                           if best else None), trials=rows)
+                                           if best else None), trials=rows,
+                       ace=ace_report(search_space(cfg), [t.params for t in done], [t.value for t in done], cfg.seed))
+
+
+ACE_MIN_TRIALS = 3
+ACE_TOP = 10
+
+
+def ace_report(space: ace.Space, params: list[dict], scores: list[float], seed: int = 0) -> dict | None:
+    """What ACE makes of the completed trials: its leave-one-out predictions of them (and their
+    rank correlation with the measured scores), each parameter's importance, and every
+    categorical combination at its best predicted point, measured or not, best first."""
+    if len(params) < ACE_MIN_TRIALS:
+        return None
+    model = ace.Ace.fit(space, params, scores)
+    loo = model.loo()
+    pool = model.candidates(np.random.default_rng(seed), draws=32) + [space.active(p) for p in params]
+    measured: dict[tuple, list[float]] = {}
+    for p, v in zip(params, scores):
+        measured.setdefault(space.key(p), []).append(v)
+    combos = [{**c, "measured_best": min(measured.get(space.key(c["params"]), [None]), key=lambda v: (v is None, v)),
+               "measured_trials": len(measured.get(space.key(c["params"]), []))}
+              for c in model.best_per_combination(pool)]
+    return {"fit_on": len(params), "prior": {"main": model.main_var, "pairwise": model.pair_var,
+                                             "noise": model.noise_var},
+            "loo_spearman": ace.spearman(loo, scores), "loo": [float(x) for x in loo],
+            "importance": dict(sorted(model.importance(pool).items(), key=lambda kv: -kv[1])),
+            "combinations": len(combos), "untested_combinations": sum(c["measured_trials"] == 0 for c in combos),
+            "best": combos[:ACE_TOP]}

@@ -108,6 +108,32 @@ def test_a_sweep_runs_real_trials_and_a_second_worker_adds_to_them(nucleated_run
     assert report["trials_complete"] == 3 and report["best"]["value"] == min(t["value"] for t in report["trials"])
 
 
+def test_ace_chooses_after_its_random_start_and_the_report_predicts_every_combination(nucleated_run):
+    import json
+
+    from pipeline import sweep
+
+    sets = ["sweep.trials=4", "sweep.steps=4", "sweep.space=[sampler,growth]", "sweep.startup_trials=2"]
+    r = nucleus("sweep", "--run-dir", str(nucleated_run), "--json", *_sets(*sets))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    trials = sorted(out["trials"], key=lambda t: t["number"])
+    assert [t["predicted"] is None for t in trials] == [True, True, False, False]
+    assert [t["predicted"]["fit_on"] for t in trials[2:]] == [2, 3]  # ACE fit on what had completed
+    space = sweep.search_space(resolve_config(Workspace(nucleated_run).stored_config(), None, [*SETS, *sets]))
+    ace = out["ace"]
+    tested = {space.key(t["params"]) for t in trials}
+    assert ace["fit_on"] == 4 and len(ace["loo"]) == 4
+    assert ace["combinations"] == len(space.combinations()) >= 8  # every sampler x growth, measured or not
+    assert ace["untested_combinations"] == ace["combinations"] - len(tested)
+    assert set(ace["importance"]) == {d.name for d in space.dims}
+    measured = [c for c in ace["best"] if c["measured_trials"]]
+    assert all(c["measured_best"] == min(t["value"] for t in trials if space.key(t["params"]) == space.key(c["params"]))
+               for c in measured)
+    r = nucleus("sweep", "report", "--run-dir", str(nucleated_run), *_sets(*sets))
+    assert r.returncode == 0 and "ACE (fit on 4 trials" in r.stdout and "importance:" in r.stdout
+
+
 def test_a_killed_worker_on_the_embedded_storage_loses_nothing(nucleated_run):
     sets = ["sweep.trials=3", "sweep.steps=150"]
     a = _worker(nucleated_run, *sets)
