@@ -15,12 +15,18 @@ An arm may carry parameters: `nucleus:replay=0.5,coverage=0.25,policy=nearest,k=
 policy, neighbours joined to each chosen topic, the N most central topics as the nucleus instead of
 the nucleated one), `nucleus:expanding=0` (each phase draws `1 - replay` of its blocks from the new
 neighbourhood; the default, `expanding=1`, draws uniformly over everything explored so far: an
-expanding window, which RESULTS.md section 8 found better), `community:k=3`. Every arm of a seed gets the same model initialisation, blocks (full 256-token
+expanding window, which RESULTS.md section 8 found better), `nucleus:weighting=stratified` (every
+stretch draws its topics equally instead of in proportion to their sizes), `community:k=3`, and
+for the arms that read the topic graph (`nucleus`, `community`, `skillit`) another graph built
+from the bundle's centroids by the product's builder: `graph=knn,graph_k=10` or
+`graph=erdos_renyi,graph_p=0.1`. `skillit` is Skill-It (`curriculum.samplers.SkillItSampler`). Every arm of a seed gets the same model initialisation, blocks (full 256-token
 blocks, each from one topic, so that tokens = steps x batch x block size exactly), optimizer,
 learning-rate schedule and evaluation points, through the product's training loop
 (`pipeline.trainer.fit`); `run` checks that and stops loudly if any of it differs.
 
-Evaluation: the held-out split that `index` drew before any arm ran (a fixed fraction of every
+A bundle also carries the validation split (`split.validation_fraction` of every topic, trained
+on by no arm): each arm's final model is scored on it too (`val_loss`), which is what
+`benchmarks/sweep_curriculum.py` chooses by. Evaluation: the held-out split that `index` drew before any arm ran (a fixed fraction of every
 topic's passages, so the natural mixture), never reweighted: held-out perplexity, macro (mean)
 and worst per-topic perplexity, every `--eval-every` steps. Wall-clock per arm: training time
 (evaluation excluded), plus the curriculum's own overhead (curiosity features and choices, in
@@ -57,8 +63,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks import curriculum_report as report  # noqa: E402
 from benchmarks._procs import run_all  # noqa: E402
 
-ARMS = ("uniform", "stratified", "odm", "nucleus", "community")
-NEEDS_TOPICS = {"stratified", "odm", "nucleus", "community"}  # pay for embedding and clustering
+ARMS = ("uniform", "stratified", "odm", "nucleus", "community", "skillit")
+NEEDS_TOPICS = {"stratified", "odm", "nucleus", "community", "skillit"}  # pay for embedding and clustering
+GRAPH_PARAMS = {"graph", "graph_k", "graph_p"}  # another topic graph than the bundle's, built from its centroids
 PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and learning progress
 
 
@@ -98,14 +105,16 @@ def export_bundle(run_dir: Path, bundle: Path) -> None:
     cfg = resolve_config(ws.stored_config(), None, [])
     t0 = time.perf_counter()
     data = RunData.load(ws)
-    train_rows = np.flatnonzero(~data.heldout).tolist()
+    train_rows = np.flatnonzero(data.trainable).tolist()  # neither held out nor validation
     held_rows = data.heldout_rows()
+    val_rows = np.flatnonzero(data.validation).tolist()
     texts = passage_texts(data.corpus, train_rows)
     tok = train_tokenizer(texts, cfg.model.vocab_size)
     bs = cfg.train.block_size
     packed = pack_by_topic(tokenize(tok, texts), data.topic_of[train_rows].tolist(), bs, tok.pad_token_id)
     full = packed.mask.all(1).numpy()  # drop each topic's padded tail: every block is bs tokens
     eval_set = make_eval_set(tok, data.corpus, held_rows, data.topic_of[held_rows].tolist(), bs)
+    val_set = make_eval_set(tok, data.corpus, val_rows, data.topic_of[val_rows].tolist(), bs)
     graph = nucleate_stage.load_topic_graph(ws)
     topics = read_json(ws.topics_dir / "topics.json")["topics"]
     meta = read_json(ws.meta_path)
@@ -117,11 +126,12 @@ def export_bundle(run_dir: Path, bundle: Path) -> None:
         "replay": cfg.lora.replay_fraction, "nucleus": nucleate_stage.load_neighborhood(ws, NUCLEUS).topics,
         "adjacency": {str(t): ns for t, ns in graph.adjacency().items()},
         "centrality": pagerank(graph).tolist(), "keywords": {str(t["id"]): t["keywords"] for t in topics},
-        "passages": {"train": len(train_rows), "heldout": len(held_rows)},
+        "passages": {"train": len(train_rows), "heldout": len(held_rows), "validation": len(val_rows)},
         "blocks": int(full.sum()), "dropped_tail_blocks": int((~full).sum()),
         "prep_s": {"index": _stage_seconds(meta, "index"), "nucleate": _stage_seconds(meta, "nucleate")},
     }
     lengths = [len(s) for s in eval_set.sequences]
+    val_lengths = [len(s) for s in val_set.sequences]
     with atomic_path(bundle) as tmp:
         tmp.mkdir(parents=True)
         tok.save_pretrained(str(tmp / "tokenizer"))
@@ -130,10 +140,13 @@ def export_bundle(run_dir: Path, bundle: Path) -> None:
             block_topics=packed.topics[full].astype(np.int32),
             eval_flat=np.concatenate(eval_set.sequences).astype(np.uint16),
             eval_offsets=np.cumsum([0, *lengths]).astype(np.int64), eval_topics=eval_set.topics.astype(np.int32),
+            val_flat=np.concatenate(val_set.sequences or [[]]).astype(np.uint16),
+            val_offsets=np.cumsum([0, *val_lengths]).astype(np.int64), val_topics=val_set.topics.astype(np.int32),
             centroids=np.load(ws.topics_dir / "centroids.npy").astype(np.float32))
         info["export_s"] = round(time.perf_counter() - t0, 1)
         (tmp / "bundle.json").write_text(json.dumps(info, indent=1))
-    print(f"bundle {bundle}: {info['blocks']} blocks of {bs} tokens, {len(held_rows)} held-out passages, "
+    print(f"bundle {bundle}: {info['blocks']} blocks of {bs} tokens, {len(held_rows)} held-out and "
+          f"{len(val_rows)} validation passages, "
           f"{len(topics)} topics, nucleus {info['nucleus']}, prep {info['prep_s']}")
 
 
@@ -166,15 +179,18 @@ class Bundle:
     info: dict
     tokenizer: object
     blocks: object  # pipeline.lm_data.Blocks
-    eval_set: object  # pipeline.lm_data.EvalSet
+    eval_set: object  # pipeline.lm_data.EvalSet: the held-out split, what results are scored on
     centroids: np.ndarray
+    val_set: object | None = None  # the validation split, what a sweep chooses by (bundles since issue 16)
 
     @classmethod
     def load(cls, path: Path) -> "Bundle":
         from pipeline.lm_data import EvalSet
 
         info, tok, z, blocks = read_bundle(path)
-        return cls(info, tok, blocks, EvalSet(sequences(z, "eval"), z["eval_topics"].astype(np.int64)), z["centroids"])
+        val = EvalSet(sequences(z, "val"), z["val_topics"].astype(np.int64)) if "val_flat" in z.files else None
+        return cls(info, tok, blocks, EvalSet(sequences(z, "eval"), z["eval_topics"].astype(np.int64)),
+                   z["centroids"], val)
 
 
 def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -> tuple[str, dict]:
@@ -201,7 +217,19 @@ def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -
 
 def parse_arm(spec: str) -> tuple[str, dict]:
     return parse_spec(spec, ARMS, {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size",
-                                               "expanding"}, "community": {"k"}})
+                                               "expanding", "weighting", *GRAPH_PARAMS},
+                                   "community": {"k", *GRAPH_PARAMS}, "skillit": GRAPH_PARAMS})
+
+
+def topic_graph(info: dict, centroids: np.ndarray, params: dict):
+    """The arm's topic graph: the bundle's, or one the product's builder (`retrieval.graph`)
+    makes from the bundle's centroids when the arm names `graph`, `graph_k` or `graph_p`."""
+    from retrieval.graph import TopicGraph
+
+    if not GRAPH_PARAMS & set(params):
+        return None
+    return TopicGraph.build(str(params.get("graph", "knn")), centroids, k=int(params.get("graph_k", 6)),
+                            p=float(params.get("graph_p", 0.1)), seed=0)
 
 
 @dataclass
@@ -277,22 +305,29 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                      eval_every=s.eval_every, checkpoint_every=s.steps + 1, log_every=s.eval_every,
                      autocast_dtype=autocast)
     adjacency = {int(t): ns for t, ns in info["adjacency"].items()}
+    centrality = np.asarray(info["centrality"])
+    graph = topic_graph(info, b.centroids, params)
+    if graph is not None:
+        from curriculum.nucleation import pagerank
+
+        adjacency, centrality = graph.adjacency(), pagerank(graph)
     sampler_box = []
 
     def new_sampler():
         if name == "nucleus":
             policy = make_policy(str(params.get("policy", info["policy"])), seed=seed,
                                  beta=float(params.get("beta", info["ucb_beta"])))
-            topic_info = TopicInfo(adjacency, b.centroids, np.asarray(info["centrality"]),
+            topic_info = TopicInfo(adjacency, b.centroids, centrality,
                                    {int(t): w for t, w in info["keywords"].items()})
             nucleus = info["nucleus"]
             if "nucleus_size" in params:  # the N most central topics (PageRank), as nucleate's default picks
-                nucleus = np.argsort(-np.asarray(info["centrality"]))[: int(params["nucleus_size"])].tolist()
+                nucleus = np.argsort(-centrality)[: int(params["nucleus_size"])].tolist()
             sampler = CuriosityCurriculum(
                 b.blocks.topics, s.batch_size, s.steps, nucleus, topic_info, policy,
                 _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
-                block_size=s.block_size, expanding=bool(params.get("expanding", 1)), seed=seed)
+                block_size=s.block_size, expanding=bool(params.get("expanding", 1)),
+                weighting=str(params.get("weighting", "natural")), seed=seed)
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency,
                                    int(params.get("k", info["community_k"])), seed)
@@ -327,11 +362,15 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                           **{k: row[k] for k in ("ppl", "macro_ppl", "worst_ppl")}})
     sampler = sampler_box[0]
     overhead = getattr(sampler, "overhead_s", 0.0)
+    val = {}
+    if b.val_set is not None:  # the final model on the validation split: what a sweep scores
+        met = evaluate(model, b.val_set, s.eval_batch_size, device, b.tokenizer.pad_token_id, autocast_dtype=autocast)
+        val = {"val_ppl": met["heldout/ppl"], "val_loss": met["heldout/loss"]}
     prep = info["prep_s"]
     return {
         "seed": seed, "arm": spec, "name": name, "params": params, "settings": asdict(settings),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "steps": result.steps, "tokens": result.tokens, "curve": curve,
+        "steps": result.steps, "tokens": result.tokens, "curve": curve, **val,
         "train_s": round(result.seconds - eval_s[0] - overhead, 2), "eval_s": round(eval_s[0], 2),
         "overhead_s": round(overhead, 2),
         "prep_s": (prep["index"] if name in NEEDS_TOPICS else 0.0) + (prep["nucleate"] if name == "nucleus" else 0.0),

@@ -19,6 +19,11 @@ block sampler whose stream is a sequence of phases.
    `coverage` of the total batches. What is left after it (or once every topic is explored) is
    uniform over all blocks, the natural mixture.
 
+Every stretch draws its topics in their natural proportions (`weighting="natural"`, uniform over
+their blocks) or equally (`"stratified"`, equal blocks per topic), the final stretch included:
+which simple mixture is best depends on the corpus, and the curriculum should be able to start
+from either.
+
 The sampler never sees the model: `loss_fn(topics)` returns the current model's loss on each
 topic's probe blocks, and is called only at phase boundaries. `phases` records the order taken
 and `overhead_s` the time spent choosing (the curiosity overhead).
@@ -34,9 +39,12 @@ import numpy as np
 
 from curriculum.curiosity import TopicFeatures, choose, frontier, learning_progress, structural_features
 from curriculum.expansion import propose_topics
-from curriculum.samplers import BatchStream, UniformSampler
+from curriculum.samplers import BatchStream, StratifiedSampler, UniformSampler
 
 LossFn = Callable[[list[int]], dict[int, float]]  # topic -> loss (nats/token) on its probe blocks
+# How every stretch weights the topics it draws from: `natural`, uniform over their blocks (so
+# in proportion to their sizes), or `stratified`, equal blocks per topic.
+WEIGHTINGS = {"natural": UniformSampler, "stratified": StratifiedSampler}
 
 
 @dataclass
@@ -71,7 +79,8 @@ class CuriosityCurriculum(BatchStream):
 
     def __init__(self, block_topics: np.ndarray, batch_size: int, total_batches: int, nucleus: list[int],
                  info: TopicInfo, policy, loss_fn: LossFn, *, coverage: float = 0.5, replay: float = 0.25,
-                 k: int = 1, block_size: int = 1, expanding: bool = True, seed: int = 0) -> None:
+                 k: int = 1, block_size: int = 1, expanding: bool = True, weighting: str = "natural",
+                 seed: int = 0) -> None:
         self.block_topics = np.asarray(block_topics, dtype=np.int64)
         present = set(np.unique(self.block_topics).tolist())
         if not 0.0 < coverage <= 1.0:
@@ -84,7 +93,9 @@ class CuriosityCurriculum(BatchStream):
         self.batch_size, self.total_batches = batch_size, total_batches
         self.info, self.policy, self.loss_fn = info, policy, loss_fn
         self.coverage, self.replay, self.k, self.block_size = coverage, replay, k, block_size
-        self.expanding = expanding
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
+        self.expanding, self.weighting = expanding, weighting
         self.seed = seed
         self.topics = sorted(present)
         self.sizes = np.bincount(self.block_topics, minlength=max(self.topics) + 1)
@@ -128,9 +139,10 @@ class CuriosityCurriculum(BatchStream):
         self._n_old = int(round(self.replay * self.batch_size)) if len(old) else 0
         n_new = self.batch_size - self._n_old
         seed = self.seed * 1000 + len(self.phases)
-        self._new = (new, iter(UniformSampler(self.block_topics[new], n_new, seed=seed)))
+        draw = WEIGHTINGS[self.weighting]
+        self._new = (new, iter(draw(self.block_topics[new], n_new, seed=seed)))
         if self._n_old:
-            self._old = (old, iter(UniformSampler(self.block_topics[old], self._n_old, seed=seed + 500)))
+            self._old = (old, iter(draw(self.block_topics[old], self._n_old, seed=seed + 500)))
         self._left = phase.batches
         self.phases.append(phase)
 

@@ -73,6 +73,22 @@ def test_expanding_window_draws_over_everything_explored_in_proportion_to_size()
     assert len(policy.ys) == sum(p.kind == "neighborhood" for p in cc.phases)
 
 
+def test_stratified_weighting_draws_the_topics_of_a_stretch_equally_whatever_their_size():
+    cc = CuriosityCurriculum(BLOCK_TOPICS, 16, 300, [0], INFO, make_policy("random", seed=0), losses([]),
+                             coverage=0.3, k=1, block_size=4, weighting="stratified", seed=2)
+    drawn = [cc.next_batch() for _ in range(300)]
+    tail = cc.phases[-1]
+    assert tail.kind == "uniform" and tail.batches >= 150
+    got = np.bincount(BLOCK_TOPICS[np.concatenate(drawn[tail.start:tail.start + tail.batches])], minlength=8)
+    assert got.max() - got.min() <= 1  # equal blocks per topic, though the sizes range 10-50
+    natural = CuriosityCurriculum(BLOCK_TOPICS, 16, 300, [0], INFO, make_policy("random", seed=0), losses([]),
+                                  coverage=0.3, k=1, block_size=4, seed=2)
+    drawn = [natural.next_batch() for _ in range(300)]
+    t = natural.phases[-1]
+    got = np.bincount(BLOCK_TOPICS[np.concatenate(drawn[t.start:t.start + t.batches])], minlength=8)
+    assert got[5] > 3 * got[1]  # the natural mixture: topic 5 (50 blocks) far more than topic 1 (10)
+
+
 def test_nearest_policy_takes_the_most_similar_frontier_topic_and_k_grows_the_neighbourhood():
     cc = CuriosityCurriculum(BLOCK_TOPICS, 8, 400, [3], INFO, make_policy("nearest"), losses([]),
                              coverage=1.0, replay=0.0, k=1, seed=0)
@@ -84,7 +100,8 @@ def test_nearest_policy_takes_the_most_similar_frontier_topic_and_k_grows_the_ne
     assert {t for p in cc.phases for t in p.topics} == set(range(8))
 
 
-@pytest.mark.parametrize("kwargs, message", [({"coverage": 0.0}, "coverage"), ({"replay": 1.0}, "replay")])
+@pytest.mark.parametrize("kwargs, message", [({"coverage": 0.0}, "coverage"), ({"replay": 1.0}, "replay"),
+                                                   ({"weighting": "equal"}, "weighting")])
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CuriosityCurriculum(BLOCK_TOPICS, 8, 10, [0], INFO, make_policy("random"), losses([]), **kwargs)
