@@ -14,7 +14,7 @@ neighbours joined per choice, and how every stretch weights its topics (`natural
 
 Protocol, in one Optuna study (journal file in `--work`, so a killed run resumes):
 
-1. `--random` trials at random (seeded per trial number). ACE (`curriculum/ace.py`) is fitted
+1. `--random` trials at random (seeded per trial number, never a design already tried). ACE (`curriculum/ace.py`) is fitted
    on the first `--fit` of them and predicts the rest: their Spearman rank correlation with the
    measured scores is the held-out rank correlation. (Random points, so the held-out ones are
    like any the model would be asked about.)
@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import curriculum_report  # noqa: E402
 from benchmarks.curriculum import Settings, check_fair  # noqa: E402
-from curriculum.ace import Ace, Dim, Space, spearman  # noqa: E402
+from curriculum.ace import Ace, Dim, Space, point_key, spearman  # noqa: E402
 
 GRAPH_USERS = (("arm", "nucleus"), ("arm", "community"), ("arm", "skillit"))
 SPACE = Space([
@@ -171,7 +171,11 @@ def sweep(a) -> None:
     run_trials(study, a.random + a.guided, a.bundle, a.work, settings, a.seed, a.jobs)
     done = _complete(study)
     rand = [t for t in done if "ace_predicted" not in t.user_attrs]
-    fit, held = rand[:a.fit], rand[a.fit:]
+    fit = rand[:a.fit]
+    # held out: the later random trials of designs the fit never saw (the sampler never repeats
+    # one, but a resumed or older study might)
+    seen = {point_key(SPACE.active(t.params)) for t in fit}
+    held = [t for t in rand[a.fit:] if point_key(SPACE.active(t.params)) not in seen]
     model = Ace.fit(SPACE, [t.params for t in fit], [t.value for t in fit])
     pred = model.predict([t.params for t in held])
     full = Ace.fit(SPACE, [t.params for t in done], [t.value for t in done])
@@ -213,6 +217,7 @@ def confirm(a) -> None:
     specs = list(dict.fromkeys(specs))
     settings = _settings(a.bundle, a.full_steps, a.eval_every, a.eval_batch_size)
     jobs = [(spec, s) for s in a.seeds for spec in specs]
+    a.work.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(a.jobs) as pool:
         futs = [pool.submit(_run_arm, a.bundle, spec, s, settings,
                             a.work / f"full-s{s}-{spec.replace(':', '_').replace(',', '_').replace('=', '')}.json")

@@ -300,8 +300,8 @@ def propose(space: Space, measured: Sequence[Params], scores: Sequence[float], p
     repeat of a measured or pending one. Returns (params, predicted mean, predicted sd)."""
     rng = rng or np.random.default_rng()
     model = Ace.fit(space, measured, scores).with_pending(pending)
-    seen = {_frozen(p) for p in (*measured, *pending)}
-    pool = [c for c in model.candidates(rng, draws) if _frozen(c) not in seen]
+    seen = {point_key(p) for p in (*measured, *pending)}
+    pool = [c for c in model.candidates(rng, draws) if point_key(c) not in seen]
     if not pool:  # a small categorical space, all of it tried: the best one again
         pool = [dict(measured[int(np.argmin(scores))])]
     pred = model.predict(pool)
@@ -309,7 +309,8 @@ def propose(space: Space, measured: Sequence[Params], scores: Sequence[float], p
     return pool[i], float(pred.mean[i]), float(pred.sd[i])
 
 
-def _frozen(p: Params) -> tuple:
+def point_key(p: Params) -> tuple:
+    """What makes two points the same point (every value, numbers included)."""
     return tuple(sorted((k, repr(v)) for k, v in p.items()))
 
 

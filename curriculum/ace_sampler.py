@@ -2,7 +2,8 @@
 
 A trial's whole point is chosen at its first `suggest_*`: random for the first `startup`
 trials (seeded by the study's seed and the trial's number, so that workers sharing a study draw
-different points and a rerun draws the same ones), then `ace.propose` over the completed trials,
+different points and a rerun draws the same ones; never a point measured or running already),
+then `ace.propose` over the completed trials,
 with the running ones as pending. The point is kept on the trial (`ace_proposal`, and ACE's
 predicted mean and sd in `ace_predicted`), so that the parameters it then suggests are the
 point's and other workers see it as pending.
@@ -18,7 +19,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from curriculum.ace import PREDICTED, PROPOSAL, Space, propose
+from curriculum.ace import PREDICTED, PROPOSAL, Space, point_key, propose
 
 
 def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
@@ -68,12 +69,19 @@ class AceSampler(BaseSampler):
             done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                     if t.value is not None and np.isfinite(t.value)]
             predicted = None
+            pending = [t.system_attrs.get(PROPOSAL) or t.params
+                       for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if t._trial_id != trial._trial_id]
             if len(done) < self.startup:
+                # a random point not measured or running already: a combination without numbers
+                # (a deterministic training) would otherwise be paid for again and again
+                seen = {point_key(p) for p in (*(t.params for t in done), *pending) if p}
                 point = random_point(self.space, rng)
+                for _ in range(100):
+                    if point_key(point) not in seen:
+                        break
+                    point = random_point(self.space, rng)
             else:
-                pending = [t.system_attrs.get(PROPOSAL) or t.params
-                           for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                           if t._trial_id != trial._trial_id]
                 point, mean, sd = propose(self.space, [t.params for t in done], [t.value for t in done],
                                           [p for p in pending if p], rng, self.kappa)
                 predicted = {"mean": mean, "sd": sd, "fit_on": len(done)}

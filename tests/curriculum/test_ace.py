@@ -110,3 +110,10 @@ def test_the_sampler_drives_a_real_study_and_records_its_predictions():
     again.optimize(lambda t: score(suggest(t, SPACE)), n_trials=3)
     assert [t.params for t in again.get_trials()] == [t.params for t in trials[:3]]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+
+
+def test_the_random_start_never_pays_twice_for_a_combination_without_numbers():
+    cat = Space([Dim("a", choices=("x", "y", "z")), Dim("b", choices=(0, 1))])
+    study = optuna.create_study(sampler=AceSampler(cat, startup=6, seed=0))
+    study.optimize(lambda t: float(len(suggest(t, cat)["a"]) + suggest(t, cat)["b"]), n_trials=6)
+    assert len({tuple(sorted(t.params.items())) for t in study.get_trials()}) == 6  # all 6 combinations
