@@ -5,6 +5,10 @@ run's train split for `sweep.steps` steps under the trial's modules (sampler, Re
 their keys from the module catalogue), scored by its loss on the **validation** split, so
 choosing by it never fits the held-out split final results are scored on.
 
+Trials after the first `sweep.startup_trials` are chosen by ACE (`curriculum/ace.py`, through
+`curriculum/ace_sampler.py`) unless `sweep.sampler` names Optuna's `tpe` or `random`; `report`
+adds ACE's view of the completed trials (`ace_report`).
+
 Every `nucleus sweep` process is a worker: it claims trials from the shared study until
 `sweep.trials` have completed. Storage:
 
