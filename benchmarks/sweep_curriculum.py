@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import curriculum_report  # noqa: E402
 from benchmarks.curriculum import Settings, check_fair  # noqa: E402
-from curriculum.ace import Ace, Dim, Space, point_key, spearman  # noqa: E402
+from curriculum.ace import Ace, Dim, Space, point_key  # noqa: E402
+from curriculum.curiosity import spearman  # noqa: E402
 
 GRAPH_USERS = (("arm", "nucleus"), ("arm", "community"), ("arm", "skillit"))
 SPACE = Space([

@@ -90,7 +90,6 @@ class Space:
             seen.add(d.name)
         if len(seen) != len(self.dims):
             raise ValueError("dimension names must be unique")
-        self.by_name = {d.name: d for d in self.dims}
 
     def active(self, params: Params) -> dict[str, Any]:
         """The parameters of `params` that are active under its own choices."""
@@ -312,21 +311,3 @@ def propose(space: Space, measured: Sequence[Params], scores: Sequence[float], p
 def point_key(p: Params) -> tuple:
     """What makes two points the same point (every value, numbers included)."""
     return tuple(sorted((k, repr(v)) for k, v in p.items()))
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):  # ties share their mean rank
-        sel = x == v
-        r[sel] = r[sel].mean()
-    return r

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from curriculum import ace, modules
+from curriculum.curiosity import spearman
 from curriculum.samplers import make_sampler
 from pipeline import nucleate as nucleate_stage
 from pipeline import relora
@@ -175,13 +176,13 @@ def search_space(cfg: NucleusConfig) -> ace.Space:
     return ace.Space(dims)
 
 
-def suggest(trial, cfg: NucleusConfig) -> dict:
-    """The trial's config overrides: one module per kind in `sweep.space`, then each chosen
-    module's own hyperparameters."""
+def suggest(trial, space: ace.Space) -> dict:
+    """The trial's config overrides: one module per kind of the space (`search_space`), then
+    each chosen module's own hyperparameters."""
     from curriculum import ace_sampler
 
     sets: dict = {}
-    for name, value in ace_sampler.suggest(trial, search_space(cfg)).items():
+    for name, value in ace_sampler.suggest(trial, space).items():
         if name in modules.KINDS:
             section, _, key = modules.KINDS[name].partition(".")
             if name != "growth":  # a registry-valued key takes the name; growth is relora_every's (un)setting
@@ -269,9 +270,10 @@ def run(cfg: NucleusConfig, ws: Workspace) -> SweepResult:
     check(cfg, ws)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(cfg, ws)
+    space = search_space(cfg)
     try:
         study = optuna.create_study(study_name=cfg.sweep.study, storage=storage, direction="minimize",
-                                    sampler=make_sampler_for(cfg, search_space(cfg)), load_if_exists=True)
+                                    sampler=make_sampler_for(cfg, space), load_if_exists=True)
     except Exception as e:  # an unreachable database shows up here with RDB storage
         raise UserError(f"sweep.storage: cannot use '{storage_label(cfg, ws)}' "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
@@ -284,7 +286,7 @@ def run(cfg: NucleusConfig, ws: Workspace) -> SweepResult:
     def objective(trial) -> float:
         nonlocal world, ran
         trial.set_user_attr("owner", _owner())
-        sets = suggest(trial, cfg)
+        sets = suggest(trial, space)
         tcfg = trial_config(cfg, sets)
         if world is None:
             world = TrialWorld(cfg, ws, device)
@@ -344,12 +346,13 @@ def ace_report(space: ace.Space, params: list[dict], scores: list[float], seed: 
     measured: dict[tuple, list[float]] = {}
     for p, v in zip(params, scores):
         measured.setdefault(space.key(p), []).append(v)
-    combos = [{**c, "measured_best": min(measured.get(space.key(c["params"]), [None]), key=lambda v: (v is None, v)),
-               "measured_trials": len(measured.get(space.key(c["params"]), []))}
-              for c in model.best_per_combination(pool)]
+    combos = []
+    for c in model.best_per_combination(pool):
+        seen = measured.get(space.key(c["params"]), [])
+        combos.append({**c, "measured_best": min(seen) if seen else None, "measured_trials": len(seen)})
     return {"fit_on": len(params), "prior": {"main": model.main_var, "pairwise": model.pair_var,
                                              "noise": model.noise_var},
-            "loo_spearman": ace.spearman(loo, scores), "loo": [float(x) for x in loo],
+            "loo_spearman": spearman(loo, scores), "loo": [float(x) for x in loo],
             "importance": dict(sorted(model.importance(pool).items(), key=lambda kv: -kv[1])),
             "combinations": len(combos), "untested_combinations": sum(c["measured_trials"] == 0 for c in combos),
             "best": combos[:ACE_TOP]}

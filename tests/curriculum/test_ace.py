@@ -6,7 +6,8 @@ import numpy as np
 import optuna
 import pytest
 
-from curriculum.ace import PREDICTED, PROPOSAL, Ace, Dim, Space, propose, spearman
+from curriculum.ace import PREDICTED, PROPOSAL, Ace, Dim, Space, propose
+from curriculum.curiosity import spearman
 from curriculum.ace_sampler import AceSampler, random_point, suggest
 
 SPACE = Space([
