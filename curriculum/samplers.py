@@ -14,6 +14,9 @@ is an infinite, seeded stream of batches (int64 arrays of `batch_size` block ind
   on any sampler that has that method.
 - `skillit`: Skill-It's online rule (Chen et al. 2023) with the topic graph as its skills graph:
   topics whose graph neighbourhood still has a high training loss are drawn more.
+- `manifold`: community traversal on a graph rebuilt from the model being trained (its
+  activations, or learned block vectors), `curriculum/manifold.py`; it reads the model through
+  `bind`, which the training loop calls.
 
 Resuming: a sampler's stream depends only on its arguments and seed. Re-create it with the same
 arguments and call `skip(n)` to continue after the `n`-th batch; `batches_drawn` is the `n` to
@@ -426,6 +429,15 @@ def _community(block_topics: np.ndarray, batch_size: int, adjacency: dict[int, l
     return CommunitySampler(block_topics, batch_size, adjacency, k=k, seed=seed)
 
 
+def _manifold(block_topics: np.ndarray, batch_size: int, adjacency: dict[int, list[int]] | None, k: int,
+              seed: int, manifold: dict | None = None) -> BlockSampler:
+    from curriculum.manifold import ManifoldSampler, ManifoldSettings
+
+    m = manifold or {}
+    return ManifoldSampler(block_topics, batch_size, m.get("settings") or ManifoldSettings(),
+                           block_vectors=m.get("block_vectors"), probe=m.get("probe"), seed=seed)
+
+
 SAMPLERS: dict[str, SamplerFactory] = {
     "uniform": lambda block_topics, batch_size, adjacency, k, seed: UniformSampler(
         block_topics, batch_size, seed=seed),
@@ -435,6 +447,7 @@ SAMPLERS: dict[str, SamplerFactory] = {
     "odm": lambda block_topics, batch_size, adjacency, k, seed: OdmSampler(block_topics, batch_size, seed=seed),
     "skillit": lambda block_topics, batch_size, adjacency, k, seed: SkillItSampler(
         block_topics, batch_size, adjacency, seed=seed),
+    "manifold": _manifold,
 }
 
 # The catalogue's view of the samplers (curriculum/modules.py): tags and sweepable keys.
@@ -447,13 +460,20 @@ SAMPLER_MODULES = (
            needs=("topics", "row_losses")),
     module("sampler", "skillit", "Skill-It: topics whose graph neighbourhood has the highest loss drawn more",
            needs=("topic_graph", "row_losses")),
+    module("sampler", "manifold", "community traversal on a graph rebuilt from the model's activations or learned "
+           "block vectors", (Param("manifold.clusters", "int", 32, 8, 64),
+                             Param("manifold.rebuild_every", "int", 100, 25, 200, log=True)),
+           needs=("row_losses",)),
 )
 
 
 def make_sampler(name: str, block_topics: np.ndarray, batch_size: int,
                  adjacency: dict[int, list[int]] | None = None, k: int = 2,
-                 seed: int = 0) -> BlockSampler:
-    """Build the sampler registered as `name`; `UserError` with a suggestion for unknown names."""
+                 seed: int = 0, manifold: dict | None = None) -> BlockSampler:
+    """Build the sampler registered as `name`; `UserError` with a suggestion for unknown names.
+    `manifold`: the manifold sampler's `settings`, `block_vectors` and `probe` (others ignore it)."""
     if name not in SAMPLERS:
         raise unknown_choice("sampler (train.sampler)", name, SAMPLERS)
+    if name == "manifold":
+        return _manifold(block_topics, batch_size, adjacency, k, seed, manifold)
     return SAMPLERS[name](block_topics, batch_size, adjacency, k, seed)

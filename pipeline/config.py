@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.yamlfile import read_yaml
@@ -191,7 +191,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Gradient norm clipping."""
     sampler: str = "uniform"
-    """Batch sampler: `uniform` (shuffled blocks), `community` (community traversal of the topic graph), `stratified` (equal tokens per topic), `odm` (online data mixing: an EXP3 bandit over topics rewarded by training loss) or `skillit` (Skill-It's online rule with the topic graph as its skills graph: topics whose neighbourhood has the highest training loss are drawn more)."""
+    """Batch sampler: `uniform` (shuffled blocks), `community` (community traversal of the topic graph), `stratified` (equal tokens per topic), `odm` (online data mixing: an EXP3 bandit over topics rewarded by training loss), `skillit` (Skill-It's online rule with the topic graph as its skills graph: topics whose neighbourhood has the highest training loss are drawn more) or `manifold` (community traversal on a graph rebuilt from the model being trained: the `manifold` section)."""
     community_k: int = Field(default=2, ge=0)
     """Neighbour topics joined to the root topic in each batch community."""
     grad_topk: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -403,6 +403,65 @@ class AdaptersConfig(Section):
         return _registry_choice(v, MERGE_METHODS)
 
 
+class ManifoldConfig(Section):
+    """`train.sampler: manifold`: batch communities on a graph rebuilt from the model being trained (curriculum/manifold.py)."""
+
+    space: Literal["activation", "learned"] = "activation"
+    """What the graph is built over: `activation` (each block's mean hidden state at `manifold.layers`) or `learned` (a vector per block, starting at its embedding, moved towards blocks whose gradients align with its own)."""
+    traversal: Literal["walk", "aligned", "bandit"] = "walk"
+    """How the root cluster moves: `walk` (to a random neighbour), `aligned` (to a neighbour whose blocks' gradients align with the validation split's; needs `split.validation_fraction > 0`), or `bandit` (Exp3.S rewarded by learning progress minus forgetting)."""
+    layers: list[int] = [-1]
+    """Hidden-state layers of the activation space (-1 = the last); several give one graph per layer, used in turn (a `walk` or `aligned` traversal only)."""
+    clusters: int = Field(default=32, ge=2)
+    """Clusters of blocks in the space: the manifold graph's nodes."""
+    k: int = Field(default=4, ge=1)
+    """Nearest clusters each cluster is joined to."""
+    community_k: int = Field(default=2, ge=0)
+    """Neighbour clusters joined to the root cluster in each batch community."""
+    rebuild_every: int = Field(default=100, ge=1)
+    """Batches between rebuilds of the space and the graph."""
+    refresh: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Share of the blocks re-measured at each rebuild (in a fixed rotation; the first build of the activation space measures all)."""
+    prefix_tokens: int = Field(default=64, ge=2)
+    """Tokens of each block the model reads when measuring it (a prefix: cheaper than the whole block)."""
+    vector_lr: float = Field(default=0.5, ge=0.0)
+    """`learned`: step size of the outer update of the vectors."""
+    vector_anchor: float = Field(default=0.2, ge=0.0)
+    """`learned`: pull of each vector back towards its starting embedding (against collapse)."""
+    update_blocks: int = Field(default=512, ge=2)
+    """`learned`: blocks whose gradient features an outer update compares (pairwise)."""
+    temperature: float = Field(default=0.5, gt=0.0)
+    """`aligned`: temperature of the softmax over the candidates' probe alignments."""
+    bandit_lr: float = Field(default=0.1, gt=0.0)
+    """`bandit`: Exp3.S step size."""
+    bandit_explore: float = Field(default=0.1, gt=0.0, le=1.0)
+    """`bandit`: share of the policy spread uniformly over the clusters."""
+    forget_weight: float = Field(default=1.0, ge=0.0)
+    """`bandit`: weight of the forgetting penalty against the learning progress."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("must name at least one layer")
+        if len(set(v)) != len(v):
+            raise ValueError("names a layer twice")
+        return v
+
+    @model_validator(mode="after")
+    def _per_layer(self) -> "ManifoldConfig":
+        if len(self.layers) > 1 and (self.space != "activation" or self.traversal == "bandit"):
+            raise ValueError(f"several layers ({self.layers}: one graph per layer) need `space: activation` and a "
+                             f"`walk` or `aligned` traversal, not space {self.space!r} with {self.traversal!r}")
+        return self
+
+    def settings(self):
+        """The plain settings `curriculum.manifold.ManifoldSampler` takes."""
+        from curriculum.manifold import ManifoldSettings
+
+        return ManifoldSettings(**{**self.model_dump(), "layers": tuple(self.layers)})
+
+
 class SweepConfig(Section):
     """`nucleus sweep`: an Optuna study over modules and their hyperparameters (pipeline/sweep.py)."""
 
@@ -468,6 +527,7 @@ class NucleusConfig(Section):
     explore: ExploreConfig = ExploreConfig()
     jobs: JobsConfig = JobsConfig()
     adapters: AdaptersConfig = AdaptersConfig()
+    manifold: ManifoldConfig = ManifoldConfig()
     sweep: SweepConfig = SweepConfig()
 
 

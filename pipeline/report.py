@@ -21,7 +21,7 @@ import numpy as np
 
 from curriculum.curiosity import spearman
 from curriculum.ledger import Ledger
-from curriculum.neighborhood import NUCLEUS
+from curriculum.neighborhood import NUCLEUS, check_nb_id
 from pipeline import metrics_log
 from pipeline import nucleate as nucleate_stage
 from pipeline.atomic import atomic_path, atomic_write_text, read_json
@@ -51,7 +51,7 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ReportResult:
     holes = ledger.rabbit_holes() if ledger else []
     done = [p for p in proposals if p["status"] == "done"]
     plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _qa_plot(ws, out), _topic_plot(ws, out),
-             _curiosity_plot(out, done), _adapters_plot(ws, out)]
+             _curiosity_plot(out, done), _adapters_plot(ws, out), *_manifold_plots(ws, out)]
     plots = [p for p in plots if p]
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
@@ -237,6 +237,20 @@ def _topic_plot(ws: Workspace, out: Path) -> str | None:
     ax.set_title("Per-topic perplexity before and after its neighbourhood's adapter")
     ax.legend()
     return _save(fig, out / "topic_perplexity.png")
+
+
+def _manifold_plots(ws: Workspace, out: Path) -> list[str]:
+    """One figure per training that used the manifold sampler (`logs/manifold-<nb>.json`)."""
+    from curriculum.manifold_plot import manifold_figure
+
+    plots = []
+    for path in sorted(ws.logs_dir.glob("manifold-*.json")):
+        summary = read_json(path)
+        nb_id = check_nb_id(path.stem.removeprefix("manifold-"))
+        fig = manifold_figure(summary, f"{nb_id}: the manifold sampler's {summary['space']} space "
+                                       f"({summary['traversal']}), colour = topic, line = roots' path")
+        plots.append(_save(fig, out / f"manifold-{nb_id}.png"))
+    return plots
 
 
 def _curiosity_plot(out: Path, done: list[dict]) -> str | None:

@@ -40,10 +40,10 @@ SECTIONS = (*nucleate_stage.SECTIONS, "model", "train", "lora")
 
 
 def stage_sections(cfg: NucleusConfig, nb_id: str) -> tuple[str, ...]:
-    """Config sections a training depends on: a scratch nucleus does not read `lora`."""
-    if nb_id == NUCLEUS and cfg.model.base == "scratch":
-        return SECTIONS[:-1]
-    return SECTIONS
+    """Config sections a training depends on: a scratch nucleus does not read `lora`; only the
+    manifold sampler reads `manifold`."""
+    sections = SECTIONS[:-1] if nb_id == NUCLEUS and cfg.model.base == "scratch" else SECTIONS
+    return (*sections, "manifold") if cfg.train.sampler == "manifold" else sections
 
 
 @dataclass
@@ -173,9 +173,9 @@ def run(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, topi
     data = RunData.load(ws)
     device = distributed.init(resolve_device(cfg.train.device))  # this rank's, under torchrun
     model, tokenizer, kind = _setup_model(cfg, ws, nb, data, device)
-    blocks, replay, eval_set, val_set = _setup_data(cfg, ws, nb, data, tokenizer)
+    blocks, replay, eval_set, val_set, manifold = _setup_data(cfg, ws, nb, data, tokenizer)
     result = _fit(cfg, ws, nb, model, tokenizer, blocks, replay, (eval_set, val_set), device, kind,
-                  resume and not force)
+                  resume and not force, manifold)
     if uses_relora(cfg, kind):
         model = relora.unwrap(model)  # the last adapter merged: a plain Hugging Face model again
     if distributed.is_main():  # one writer: the other ranks trained the same model
@@ -290,8 +290,10 @@ def add_lora(cfg: NucleusConfig, model):
 
 def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunData, tokenizer):
     def blocks_for(rows: list[int]) -> Blocks:
-        ids = tokenize(tokenizer, passage_texts(data.corpus, rows))
-        return pack_by_topic(ids, data.topic_of[rows].tolist(), cfg.train.block_size, tokenizer.pad_token_id)
+        return pack_by_topic(ids_of(rows), data.topic_of[rows].tolist(), cfg.train.block_size, tokenizer.pad_token_id)
+
+    def ids_of(rows: list[int]) -> list[list[int]]:
+        return tokenize(tokenizer, passage_texts(data.corpus, rows))
 
     rows = data.train_rows(nb.topics, nb.passage_ids)
     if not rows:
@@ -307,14 +309,41 @@ def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunDa
     val_set = make_eval_set(tokenizer, data.corpus, val, data.topic_of[val].tolist(), cfg.train.block_size) if val else None
     log.info("train %s: %d passages -> %d blocks of %d tokens", nb.id, len(rows), len(blocks),
              cfg.train.block_size)
-    return blocks, replay, eval_set, val_set
+    manifold = manifold_context(cfg, ws, nb, data, rows, ids_of, blocks_for) if cfg.train.sampler == "manifold" else None
+    return blocks, replay, eval_set, val_set, manifold
+
+
+def manifold_context(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunData, rows: list[int],
+                     ids_of, blocks_for) -> dict:
+    """What the manifold sampler needs beside the blocks: its settings, the blocks' embeddings
+    (the learned space's start: the index's passage vectors, packed as the blocks are) and the
+    probe (the validation split of the neighbourhood's topics, packed; never the held-out one)."""
+    m = cfg.manifold
+    out: dict = {"settings": m.settings()}
+    if m.space == "learned":
+        from curriculum.manifold import block_vectors
+
+        with reading(ws.index_dir / "embeddings.npy", "embeddings"):
+            vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
+        out["block_vectors"] = block_vectors([len(x) for x in ids_of(rows)], data.topic_of[rows].tolist(),
+                                             cfg.train.block_size, np.asarray(vectors[rows], dtype=np.float32))
+    if m.traversal == "aligned":
+        probe_rows = np.flatnonzero(data.validation & np.isin(data.topic_of, nb.topics)).tolist()
+        if not probe_rows:
+            raise UserError(f"manifold.traversal: 'aligned' needs validation passages of neighbourhood '{nb.id}' as "
+                            f"its probe; this run has none (split.validation_fraction = "
+                            f"{cfg.split.validation_fraction}). Re-index with split.validation_fraction > 0.")
+        probe = blocks_for(probe_rows)
+        out["probe"] = (probe.tokens, probe.mask)
+    return out
 
 
 # -------------------------------------------------------------------------------- fit
 
 
 def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, blocks: Blocks,
-         replay: Blocks | None, eval_sets: tuple, device: torch.device, kind: str, resume: bool) -> TrainResult:
+         replay: Blocks | None, eval_sets: tuple, device: torch.device, kind: str, resume: bool,
+         manifold: dict | None = None) -> TrainResult:
     """Train with held-out metrics (what results are scored on) and, when the run has a
     validation split, the same on it as `val/...` (what the curiosity signals read)."""
     eval_set, val_set = eval_sets
@@ -336,9 +365,17 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
             out.update(question_accuracy(m, questions, t.eval_batch_size, device, tokenizer.pad_token_id, autocast))
         return out
 
+    made = []
+
     def sampler_for(b: Blocks, seed_offset: int):
-        return lambda: iter(make_sampler(t.sampler, b.topics, t.batch_size, graph, t.community_k,
-                                         cfg.seed + seed_offset))
+        # The manifold reads the training blocks it was built for; replay rows are drawn uniformly.
+        name = "uniform" if seed_offset and t.sampler == "manifold" else t.sampler
+
+        def make():
+            made.append(make_sampler(name, b.topics, t.batch_size, graph, t.community_k, cfg.seed + seed_offset,
+                                     manifold))
+            return iter(made[-1])
+        return make
 
     metrics_file = ws.logs_dir / "metrics.jsonl"
     board = _tensorboard(ws, nb.id) if t.tensorboard else None
@@ -374,10 +411,17 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
                  replay=replay, make_replay_sampler=sampler_for(replay, 1) if replay is not None else None,
                  checkpoint_dir=checkpoints, resume=start is not None, checkpoint_tag=tag, log=log_metrics,
                  desc=f"train {nb.id}")
+    if main and hasattr(made[0], "summary"):  # the manifold's path and 2-D snapshots, for `nucleus report`
+        atomic_write_json(manifold_summary_path(ws, nb.id), {"config_hash": tag, **made[0].summary()})
     return TrainResult(neighborhood=nb.id, kind=kind, output="", steps=fitted.steps, tokens=fitted.tokens,
                        seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
                        trainable_params=count_parameters(model, trainable_only=True),
                        metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from)
+
+
+def manifold_summary_path(ws: Workspace, nb_id: str) -> Path:
+    """Where a manifold-sampled training leaves its summary (`nb_id` is checked by check_nb_id)."""
+    return ws.logs_dir / f"manifold-{nb_id}.json"
 
 
 def question_batch(ws: Workspace, tokenizer) -> QuestionBatch | None:

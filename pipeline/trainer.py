@@ -5,7 +5,10 @@ gradient sparsification, bf16 autocast on GPU, periodic held-out evaluation, res
 checkpoints. Batches are packed token blocks chosen by a block sampler; samplers are
 deterministic, so a resumed run re-creates them and skips the batches already consumed, or,
 for a sampler that learns from feedback (it has `observe`), restores its stored state.
-A sampler with `observe(batch, losses)` gets each micro-batch's per-block training losses.
+A sampler with `observe(batch, losses)` gets each micro-batch's per-block training losses; one
+with `bind(model, tokens, mask, autocast_dtype)` reads the model itself (the manifold sampler,
+`curriculum/manifold.py`). A sampler's state may hold numpy arrays: the checkpoint keeps them
+as safetensors beside its JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -122,8 +127,12 @@ class _Checkpoint:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+            arrays = {k: v for k, v in (sampler_state or {}).items() if isinstance(v, np.ndarray)}
+            if arrays:  # large sampler state (the manifold's vectors) as safetensors, not JSON
+                save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "sampler.safetensors"))
+                sampler_state = {k: v for k, v in sampler_state.items() if k not in arrays}
             (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "sampler": sampler_state,
-                                                        "tag": self.tag}))
+                                                        "sampler_arrays": sorted(arrays), "tag": self.tag}))
 
     def load(self, model: nn.Module, opt, sched) -> tuple[int, int, dict | None]:
         latest = self.dir / "latest"
@@ -138,8 +147,11 @@ class _Checkpoint:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
-        counters = read_json(latest / "state.json")
-        return int(counters["step"]), int(counters["tokens"]), counters.get("sampler")
+            counters = read_json(latest / "state.json")
+            sampler_state = counters.get("sampler")
+            if counters.get("sampler_arrays"):
+                sampler_state = {**sampler_state, **load_numpy(str(latest / "sampler.safetensors"))}
+        return int(counters["step"]), int(counters["tokens"]), sampler_state
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -205,6 +217,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     # the GPU just to count tokens.
     tokens_on = (blocks.tokens.to(device), blocks.mask.to(device))
     replay_on = (replay.tokens.to(device), replay.mask.to(device)) if n_replay else None
+    if hasattr(sampler, "bind"):  # a sampler that reads the model (its activations, gradient features)
+        sampler.bind(model, tokens_on[0], tokens_on[1], s.autocast_dtype)
     block_len = blocks.mask.sum(1).numpy()
     replay_len = replay.mask.sum(1).numpy() if n_replay else None
     # Blocks without padding need no attention mask: the model then takes SDPA's causal path

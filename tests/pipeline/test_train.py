@@ -357,3 +357,21 @@ def test_validation_passages_are_never_trained_and_feed_the_signals(trained_run)
     assert data.train_rows([0], passages=val + sorted(rows)[:3]) == sorted(rows)[:3]
     logged = [json.loads(x) for x in (trained_run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("val/nucleus/loss" in row and "nucleus/loss" in row for row in logged)
+
+
+def test_the_manifold_sampler_trains_an_adapter_and_the_report_draws_its_manifold(trained_run_copy):
+    """`train.sampler: manifold` through the stage: learned block vectors (from the index's
+    embeddings, packed as the blocks are), the aligned traversal with the validation split as its
+    probe, replay drawn uniformly; the summary lands in logs/ and `report` draws it."""
+    from pipeline import report
+
+    ws = Workspace(trained_run_copy)
+    cfg = _cfg(ws, "train.sampler=manifold", "manifold.space=learned", "manifold.traversal=aligned",
+               "manifold.clusters=4", "manifold.rebuild_every=4", "lora.replay_fraction=0.25", "lora.steps=12")
+    result = train.run(cfg, ws, "topic-2")
+    assert result.steps == 12 and result.metrics["nb/topic-2/ppl"] < result.metrics_before["nb/topic-2/ppl"]
+    summary = json.loads((trained_run_copy / "logs" / "manifold-topic-2.json").read_text())
+    assert summary["space"] == "learned" and summary["builds"] == 3 and len(summary["path"]) == 12
+    assert summary["vector_drift"] < 1.0 and set(summary["snapshots"]) == {"start", "end"}
+    plots = report.run(cfg, ws).plots
+    assert "manifold-topic-2.png" in plots and (trained_run_copy / "reports" / "manifold-topic-2.png").stat().st_size

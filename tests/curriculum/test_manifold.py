@@ -1,0 +1,171 @@
+"""The manifold sampler: its graph, its learned vectors, its traversals, its resume (tiny, real)."""
+
+import numpy as np
+import pytest
+import torch
+
+from curriculum.manifold import (ClusterGraph, Exp3S, ManifoldSampler, ManifoldSettings, block_vectors, knn,
+                                 unit, update_vectors)
+
+
+def _tiny_lm(layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=2, max_position_embeddings=16))
+
+
+def _blocks(n_per_topic: int = 24, topics: int = 4):
+    """Topic t's blocks repeat a pattern of tokens of its own range: topics differ for real."""
+    from pipeline.lm_data import Blocks
+
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(4 * t, 4 * t + 4, (n_per_topic, 8), generator=g) for t in range(topics)]
+    return Blocks(torch.cat(rows), torch.ones(n_per_topic * topics, 8, dtype=torch.bool),
+                  np.repeat(np.arange(topics), n_per_topic))
+
+
+def test_the_activation_graph_neighbours_match_brute_force_search_over_the_same_activations():
+    """The manifold graph is built from a real model's activations: FAISS's kNN equals a
+    brute-force search, every block sits in its nearest cluster, and the clusters' graph
+    joins each to its nearest clusters by cosine."""
+    from curriculum.block_signals import make_features
+
+    b = _blocks()
+    model = _tiny_lm()
+    features, _ = make_features(model, b.tokens, b.mask, (-1, 1), 8, seed=0)
+    f = features(np.arange(len(b)), False)
+    for layer in (-1, 1):
+        acts = unit(f["acts"][layer])
+        sims = acts @ acts.T
+        np.fill_diagonal(sims, -np.inf)
+        brute = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+        got = knn(acts, 5)
+        assert (np.sort(sims[np.arange(len(acts))[:, None], got], 1)
+                == pytest.approx(np.sort(sims[np.arange(len(acts))[:, None], brute], 1), abs=1e-5))
+        g = ClusterGraph.build(acts, clusters=6, k=2, seed=0)
+        assert (g.labels == np.argmax(acts @ g.centroids.T, axis=1)).all()
+        csims = g.centroids @ g.centroids.T
+        np.fill_diagonal(csims, -np.inf)
+        for i, row in enumerate(np.argsort(-csims, axis=1)[:, :2]):
+            assert set(row) <= set(g.neighbours[i])  # its 2 nearest, plus those that chose it
+    # the model is not a stand-in: its activations separate the topics it was fed
+    acts = unit(f["acts"][-1])
+    assert (np.argsort(-(acts @ acts.T), 1)[:, 1:4] // 24 == np.arange(len(acts))[:, None] // 24).mean() > 0.5
+
+
+def test_the_outer_update_moves_a_vector_towards_the_blocks_whose_gradients_align_with_its_own():
+    """Constructed: blocks 0-3 share a gradient direction, 4-7 the opposite one; the vectors start
+    at random. One update moves block 0 towards where blocks 1-3 were and away from where 4-7
+    were; a zero step changes nothing; over many steps the groups separate while the anchor keeps
+    every vector near its start (no collapse)."""
+    rng = np.random.default_rng(0)
+    start = unit(rng.normal(size=(8, 6)))
+    d = rng.normal(size=5)
+    grads = np.concatenate([d + 0.1 * rng.normal(size=(4, 5)), -d + 0.1 * rng.normal(size=(4, 5))])
+    idx = np.arange(8)
+    moved = update_vectors(start, start, idx, grads, lr=0.5, anchor=0.2)
+    aligned, opposed = start[1:4].mean(0), start[4:8].mean(0)
+    assert moved[0] @ aligned > start[0] @ aligned
+    assert moved[0] @ opposed < start[0] @ opposed
+    np.testing.assert_allclose(update_vectors(start, start, idx, grads, lr=0.0, anchor=0.2), start, atol=1e-6)
+    held = {}
+    for anchor in (0.0, 0.2, 1.0):  # many steps: the groups separate into two, never one point
+        v = start
+        for _ in range(200):
+            v = update_vectors(v, start, idx, grads, lr=0.5, anchor=anchor)
+        assert (v[:4] @ v[:4].T).mean() > 0.5 and (v[:4] @ v[4:].T).mean() < -0.4
+        held[anchor] = float(np.sum(v * start, 1).mean())  # mean cosine to the starting vector
+    assert held[0.0] < held[0.2] < held[1.0]  # the anchor holds them nearer their start
+
+
+def test_block_vectors_follow_the_packing_exactly():
+    """A block's embedding is the token-weighted mean of the passages it holds, cut as
+    pack_by_topic cuts: passages of 3, 5 and 2 tokens, blocks of 4."""
+    from pipeline.lm_data import pack_by_topic
+
+    vecs = np.eye(3, dtype=np.float32)
+    counts, topics = [3, 5, 2], [0, 0, 0]
+    packed = pack_by_topic([[1] * 3, [2] * 5, [3] * 2], topics, 4, 0)
+    out = block_vectors(counts, topics, 4, vecs)
+    assert len(out) == len(packed)
+    np.testing.assert_allclose(out, unit(np.array([[3, 1, 0], [0, 4, 0], [0, 0, 2]], dtype=np.float32)))
+
+
+def test_exp3s_follows_the_arm_with_the_highest_reward():
+    bandit, rng = Exp3S(4, lr=0.1, explore=0.1, share=0.01), np.random.default_rng(0)
+    for _ in range(400):
+        p = bandit.policy()
+        arm = int(rng.choice(4, p=p))
+        bandit.update(arm, 1.0 if arm == 2 else 0.0, p[arm])
+    assert int(np.argmax(bandit.policy())) == 2 and bandit.policy()[2] > 0.5
+
+
+SETTINGS = [ManifoldSettings(space="activation", layers=(-1,), clusters=4, k=2, rebuild_every=4),
+            ManifoldSettings(space="activation", layers=(1, 2), clusters=4, k=2, rebuild_every=4),
+            ManifoldSettings(space="learned", traversal="aligned", clusters=4, k=2, rebuild_every=4,
+                             update_blocks=32),
+            ManifoldSettings(space="activation", traversal="bandit", clusters=4, k=2, rebuild_every=4)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["activation", "per-layer", "learned-aligned", "bandit"])
+def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_one_does(tmp_path, settings):
+    """Through the real training loop: the manifold is rebuilt from the model every 4 batches;
+    a run stopped at step 10 and resumed from its checkpoint draws the same batches, ends with
+    the same vectors, clusters and weights, as one run straight through."""
+    from pipeline.trainer import FitSettings, fit
+
+    b = _blocks()
+    vectors = unit(np.random.default_rng(0).normal(size=(len(b), 12)))  # stand-in embeddings
+    probe = (b.tokens[::12].clone(), b.mask[::12].clone())
+
+    class Killed(Exception):
+        pass
+
+    def run(directory, resume, kill_at=None):
+        sampler = ManifoldSampler(b.topics, 8, settings, block_vectors=vectors, probe=probe, seed=3)
+        drawn = []
+        model = _tiny_lm()
+
+        def on_batch(idx):
+            drawn.append(idx)
+            if len(drawn) == kill_at:
+                raise Killed
+
+        try:
+            fit(model, b, lambda: iter(sampler), FitSettings(steps=16, lr=1e-2, batch_size=8, checkpoint_every=5,
+                                                             log_every=5), torch.device("cpu"),
+                checkpoint_dir=directory, resume=resume, on_batch=on_batch)
+        except Killed:
+            pass
+        return sampler, model, drawn
+
+    whole, model_a, drawn_a = run(tmp_path / "a", False)
+    run(tmp_path / "b", False, kill_at=13)  # checkpoints at steps 5 and 10, killed in step 13
+    resumed, model_b, drawn_b = run(tmp_path / "b", True)
+    assert resumed.batches_drawn == whole.batches_drawn == 16 and whole.builds == 4
+    assert [x.tolist() for x in drawn_b] == [x.tolist() for x in drawn_a[10:]]
+    assert resumed.path == whole.path
+    for name, value in whole.state_dict().items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_allclose(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    for (n, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    summary = whole.summary()
+    assert set(summary["snapshots"]) == {"start", "end"} and len(summary["path"]) == 16
+    if settings.space == "learned":
+        assert summary["vector_drift"] < 1.0  # the outer update moved the vectors
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="space must be one of"):
+        ManifoldSettings(space="hyperbolic")
+    with pytest.raises(ValueError, match="several layers"):
+        ManifoldSettings(layers=(1, 2), traversal="bandit")
+    with pytest.raises(ValueError, match="one starting vector"):
+        ManifoldSampler(np.zeros(8, dtype=np.int64), 4, ManifoldSettings(space="learned"))
+    with pytest.raises(ValueError, match="probe blocks"):
+        ManifoldSampler(np.zeros(8, dtype=np.int64), 4, ManifoldSettings(traversal="aligned"))
+    with pytest.raises(RuntimeError, match="attach"):
+        next(iter(ManifoldSampler(np.zeros(8, dtype=np.int64), 4, ManifoldSettings())))
