@@ -19,7 +19,13 @@ expanding window, which RESULTS.md section 8 found better), `nucleus:weighting=s
 stretch draws its topics equally instead of in proportion to their sizes), `community:k=3`, and
 for the arms that read the topic graph (`nucleus`, `community`, `skillit`) another graph built
 from the bundle's centroids by the product's builder: `graph=knn,graph_k=10` or
-`graph=erdos_renyi,graph_p=0.1`. `skillit` is Skill-It (`curriculum.samplers.SkillItSampler`). Every arm of a seed gets the same model initialisation, blocks (full 256-token
+`graph=erdos_renyi,graph_p=0.1`. `skillit` is Skill-It (`curriculum.samplers.SkillItSampler`). `manifold` is community
+traversal on a graph rebuilt from the model being trained (`curriculum.manifold`):
+`manifold:space=activation` (default; `layers=each` for one graph per hidden layer, `layers=N`
+for layer N), `space=learned` (block vectors from the bundle's block embeddings, moved by
+gradient alignment), `traversal=walk|aligned|bandit` (`aligned` reads the bundle's validation
+split as its probe), and `clusters`, `k`, `community_k`, `rebuild`, `refresh`, `prefix` as the
+`manifold` config section names them; its rebuilds are the arm's overhead. Every arm of a seed gets the same model initialisation, blocks (full 256-token
 blocks, each from one topic, so that tokens = steps x batch x block size exactly), optimizer,
 learning-rate schedule and evaluation points, through the product's training loop
 (`pipeline.trainer.fit`); `run` checks that and stops loudly if any of it differs.
@@ -63,8 +69,12 @@ sys.path.insert(0, str(REPO))
 from benchmarks import curriculum_report as report  # noqa: E402
 from benchmarks._procs import run_all  # noqa: E402
 
-ARMS = ("uniform", "stratified", "odm", "nucleus", "community", "skillit")
+ARMS = ("uniform", "stratified", "odm", "nucleus", "community", "skillit", "manifold")
 NEEDS_TOPICS = {"stratified", "odm", "nucleus", "community", "skillit"}  # pay for embedding and clustering
+# manifold:space=...,traversal=...,layers=N|each,clusters=,k=,community_k=,rebuild=,refresh=,prefix=
+# (curriculum/manifold.py; rebuild = rebuild_every, prefix = prefix_tokens; the rest as named there)
+MANIFOLD_PARAMS = {"space", "traversal", "layers", "clusters", "k", "community_k", "rebuild", "refresh", "prefix"}
+PROBE_MAX_BLOCKS = 128  # the manifold's probe: validation tokens packed into at most this many blocks
 GRAPH_PARAMS = {"graph", "graph_k", "graph_p"}  # another topic graph than the bundle's, built from its centroids
 PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and learning progress
 
@@ -91,6 +101,7 @@ def _stage_seconds(meta: dict, command: str) -> float:
 
 
 def export_bundle(run_dir: Path, bundle: Path) -> None:
+    from curriculum.manifold import block_vectors
     from curriculum.neighborhood import NUCLEUS
     from curriculum.nucleation import pagerank
     from pipeline import nucleate as nucleate_stage
@@ -111,8 +122,12 @@ def export_bundle(run_dir: Path, bundle: Path) -> None:
     texts = passage_texts(data.corpus, train_rows)
     tok = train_tokenizer(texts, cfg.model.vocab_size)
     bs = cfg.train.block_size
-    packed = pack_by_topic(tokenize(tok, texts), data.topic_of[train_rows].tolist(), bs, tok.pad_token_id)
+    ids = tokenize(tok, texts)
+    packed = pack_by_topic(ids, data.topic_of[train_rows].tolist(), bs, tok.pad_token_id)
     full = packed.mask.all(1).numpy()  # drop each topic's padded tail: every block is bs tokens
+    # each block's embedding (the manifold's learned space starts there), packed as the blocks are
+    vectors = block_vectors([len(x) for x in ids], data.topic_of[train_rows].tolist(), bs,
+                            np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")[train_rows].astype(np.float32))
     eval_set = make_eval_set(tok, data.corpus, held_rows, data.topic_of[held_rows].tolist(), bs)
     val_set = make_eval_set(tok, data.corpus, val_rows, data.topic_of[val_rows].tolist(), bs)
     graph = nucleate_stage.load_topic_graph(ws)
@@ -142,7 +157,8 @@ def export_bundle(run_dir: Path, bundle: Path) -> None:
             eval_offsets=np.cumsum([0, *lengths]).astype(np.int64), eval_topics=eval_set.topics.astype(np.int32),
             val_flat=np.concatenate(val_set.sequences or [[]]).astype(np.uint16),
             val_offsets=np.cumsum([0, *val_lengths]).astype(np.int64), val_topics=val_set.topics.astype(np.int32),
-            centroids=np.load(ws.topics_dir / "centroids.npy").astype(np.float32))
+            centroids=np.load(ws.topics_dir / "centroids.npy").astype(np.float32),
+            block_vectors=vectors[full].astype(np.float16))
         info["export_s"] = round(time.perf_counter() - t0, 1)
         (tmp / "bundle.json").write_text(json.dumps(info, indent=1))
     print(f"bundle {bundle}: {info['blocks']} blocks of {bs} tokens, {len(held_rows)} held-out and "
@@ -182,6 +198,7 @@ class Bundle:
     eval_set: object  # pipeline.lm_data.EvalSet: the held-out split, what results are scored on
     centroids: np.ndarray
     val_set: object | None = None  # the validation split, what a sweep chooses by (bundles since issue 16)
+    block_vectors: np.ndarray | None = None  # each block's embedding (bundles since issue 17)
 
     @classmethod
     def load(cls, path: Path) -> "Bundle":
@@ -189,8 +206,20 @@ class Bundle:
 
         info, tok, z, blocks = read_bundle(path)
         val = EvalSet(sequences(z, "val"), z["val_topics"].astype(np.int64)) if "val_flat" in z.files else None
+        vectors = z["block_vectors"].astype(np.float32) if "block_vectors" in z.files else None
         return cls(info, tok, blocks, EvalSet(sequences(z, "eval"), z["eval_topics"].astype(np.int64)),
-                   z["centroids"], val)
+                   z["centroids"], val, vectors)
+
+    def probe(self, block_size: int):
+        """The manifold's probe: the validation split's tokens cut into full blocks (tokens, mask)."""
+        import torch
+
+        if self.val_set is None:
+            raise SystemExit("this bundle has no validation split: re-export it (prepare)")
+        flat = np.concatenate(self.val_set.sequences)
+        n = min(len(flat) // block_size, PROBE_MAX_BLOCKS)
+        tokens = torch.from_numpy(flat[: n * block_size].reshape(n, block_size).astype(np.int64))
+        return tokens, torch.ones_like(tokens, dtype=torch.bool)
 
 
 def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -> tuple[str, dict]:
@@ -218,7 +247,8 @@ def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -
 def parse_arm(spec: str) -> tuple[str, dict]:
     return parse_spec(spec, ARMS, {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size",
                                                "expanding", "weighting", *GRAPH_PARAMS},
-                                   "community": {"k", *GRAPH_PARAMS}, "skillit": GRAPH_PARAMS})
+                                   "community": {"k", *GRAPH_PARAMS}, "skillit": GRAPH_PARAMS,
+                                   "manifold": MANIFOLD_PARAMS})
 
 
 def topic_graph(info: dict, centroids: np.ndarray, params: dict):
@@ -230,6 +260,22 @@ def topic_graph(info: dict, centroids: np.ndarray, params: dict):
         return None
     return TopicGraph.build(str(params.get("graph", "knn")), centroids, k=int(params.get("graph_k", 6)),
                             p=float(params.get("graph_p", 0.1)), seed=0)
+
+
+def manifold_context(b: Bundle, params: dict, model, block_size: int) -> dict:
+    """The manifold arm's settings (its parameters over the product's defaults), the blocks'
+    embeddings and the probe. `layers=each`: one graph per hidden layer; `layers=N`: layer N."""
+    from curriculum.manifold import ManifoldSettings
+
+    layers = params.get("layers", -1)
+    layers = tuple(range(1, model.config.num_hidden_layers + 1)) if layers == "each" else (int(layers),)
+    named = {"space": str, "traversal": str, "clusters": int, "k": int, "community_k": int,
+             "rebuild": int, "refresh": float, "prefix": int}
+    renamed = {"rebuild": "rebuild_every", "prefix": "prefix_tokens"}
+    sets = {renamed.get(key, key): cast(params[key]) for key, cast in named.items() if key in params}
+    settings = ManifoldSettings(**sets, layers=layers)
+    return {"settings": settings, "block_vectors": b.block_vectors,
+            "probe": b.probe(block_size) if settings.traversal == "aligned" else None}
 
 
 @dataclass
@@ -328,6 +374,9 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
                 block_size=s.block_size, expanding=bool(params.get("expanding", 1)),
                 weighting=str(params.get("weighting", "natural")), seed=seed)
+        elif name == "manifold":
+            sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed,
+                                   manifold=manifold_context(b, params, model, s.block_size))
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency,
                                    int(params.get("k", info["community_k"])), seed)

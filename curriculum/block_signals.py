@@ -35,13 +35,14 @@ def _projections(vocab: int, hidden: int, k_out: int, k_in: int, seed: int,
 
 @torch.no_grad()
 def measure(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...],
-            with_grads: bool, projections: tuple[torch.Tensor, torch.Tensor] | None, batch: int = 32,
+            with_grads: bool, projections: tuple[torch.Tensor, torch.Tensor] | None, batch: int = 128,
             autocast_dtype: torch.dtype | None = None) -> dict:
     """Features of the blocks in `tokens` ((n, T) on the model's device; `mask` marks the real
-    tokens: a topic's padded last block counts its real ones only)."""
+    tokens: a topic's padded last block counts its real ones only). Results stay on the device
+    until the end: one copy to the host, not one per batch (each would wait for the GPU)."""
     was_training = model.training
     model.eval()
-    acts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     losses, grads = [], []
     device = tokens.device
     try:
@@ -52,23 +53,22 @@ def measure(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, layers: 
             hs = out.hidden_states
             n_real = real.sum(1, keepdim=True).clamp(min=1)
             for layer in layers:
-                acts[layer].append(((hs[layer].float() * real[..., None]).sum(1) / n_real).cpu().numpy())
+                acts[layer].append((hs[layer].float() * real[..., None]).sum(1) / n_real)
             target, w = ids[:, 1:], real[:, 1:]  # position t predicts token t + 1
             n_targets = w.sum(1).clamp(min=1)
             logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
             nll = -logp.gather(-1, target[..., None])[..., 0]
-            losses.append(((nll * w).sum(1) / n_targets).cpu().numpy())
+            losses.append((nll * w).sum(1) / n_targets)
             if with_grads:
                 r_out, r_in = projections
                 delta = (logp.exp() @ r_out - r_out[target]) * w[..., None]  # R_out (softmax - onehot)
                 x = hs[-1][:, :-1].float() @ r_in
-                g = torch.einsum("bto,bti->boi", delta, x) / n_targets[:, None, None]
-                grads.append(g.flatten(1).cpu().numpy())
+                grads.append(torch.einsum("bto,bti->boi", delta, x).flatten(1) / n_targets[:, None])
     finally:
         model.train(was_training)
-    return {"acts": {layer: np.concatenate(v) for layer, v in acts.items()},
-            "losses": np.concatenate(losses).astype(float),
-            "grads": np.concatenate(grads) if with_grads else None}
+    return {"acts": {layer: torch.cat(v).cpu().numpy() for layer, v in acts.items()},
+            "losses": torch.cat(losses).double().cpu().numpy(),
+            "grads": torch.cat(grads).cpu().numpy() if with_grads else None}
 
 
 def make_features(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...],

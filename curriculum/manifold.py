@@ -66,7 +66,7 @@ class ManifoldSettings:
     prefix_tokens: int = 64
     vector_lr: float = 0.5
     vector_anchor: float = 0.2
-    update_blocks: int = 512
+    update_blocks: int = 2048
     temperature: float = 0.5
     bandit_lr: float = 0.1
     bandit_explore: float = 0.1
@@ -152,7 +152,7 @@ def update_vectors(vectors: np.ndarray, anchors: np.ndarray, idx: np.ndarray, gr
     With A_ij the cosine of blocks i and j's gradients, centred over the sample (so that the
     pull and the push balance, and the vectors cannot all collapse onto one point):
 
-        v_i <- normalise(v_i + lr * mean_j A_ij (v_j - v_i) + anchor * lr * (a_i - v_i))
+        v_i <- normalise(v_i + lr * sum_j A_ij (v_j - v_i) / sum_j |A_ij| + anchor * lr * (a_i - v_i))
 
     a block moves towards the blocks whose gradients align with its own, away from those that
     oppose it, and is held near its anchor a_i (its starting embedding): joint learning of data
@@ -167,7 +167,9 @@ def update_vectors(vectors: np.ndarray, anchors: np.ndarray, idx: np.ndarray, gr
     off = ~np.eye(len(idx), dtype=bool)
     a[off] -= a[off].mean()
     v = vectors[idx]
-    pull = (a @ v - a.sum(1, keepdims=True) * v) / (len(idx) - 1)
+    # normalised by each block's total weight, so that the step does not shrink with the sample
+    # size or with how small real gradient cosines are (centred, they are a few hundredths)
+    pull = (a @ v - a.sum(1, keepdims=True) * v) / np.maximum(np.abs(a).sum(1, keepdims=True), 1e-12)
     out[idx] = unit(v + lr * pull + anchor * lr * (anchors[idx] - v))
     return out
 
@@ -274,8 +276,9 @@ class ManifoldSampler(BatchStream):
         self.overhead_s = 0.0
         self._rng = np.random.default_rng(seed)
         self._refresh_order = np.random.default_rng([seed, 1]).permutation(self.n_blocks)
-        self.anchors = unit(block_vectors) if block_vectors is not None else None
-        self.vectors = self.anchors.copy() if self.anchors is not None else None
+        learned = settings.space == "learned"  # only the learned space keeps vectors of its own
+        self.anchors = unit(block_vectors) if learned else None
+        self.vectors = self.anchors.copy() if learned else None
         self.acts: dict[int, np.ndarray] = {}  # activation space: per layer, the latest vector of each block
         self.graphs: list[ClusterGraph] = []
         self.alignment = np.zeros(0)  # per cluster: probe alignment of its blocks' gradients
@@ -291,6 +294,9 @@ class ManifoldSampler(BatchStream):
         self.path: list[int] = []  # root of every batch
         self.snapshots: dict[str, dict] = {}  # "start", "end": the manifold in 2-D (`summary`)
         self.rebuild_s: list[float] = []
+        # Only the bandit learns from the training loss; without `observe` the training loop
+        # does not copy the per-block losses to the host at every step (a wait for the GPU).
+        self.observe = self._observe if settings.traversal == "bandit" else None
 
     # -- wiring
 
@@ -433,10 +439,10 @@ class ManifoldSampler(BatchStream):
             self.m.visited[root] = True
         return batch.astype(np.int64, copy=False)
 
-    def observe(self, batch: np.ndarray, losses: np.ndarray) -> None:
+    def _observe(self, batch: np.ndarray, losses: np.ndarray) -> None:
         """Bandit: learning progress on the community just drawn = its loss's drop since the
         root's last visit (a moving average of its batches' training losses)."""
-        if self.s.traversal != "bandit" or self._last is None:
+        if self._last is None:
             return
         root, prob = self._last
         loss = float(np.mean(losses))
@@ -493,8 +499,10 @@ class ManifoldSampler(BatchStream):
                "rebuild_s_each": round(float(np.mean(self.rebuild_s)), 4) if self.rebuild_s else 0.0,
                "path": self.path, "snapshots": self.snapshots,
                "roots_visited": len(set(self.path))}
-        if self.vectors is not None and self.anchors is not None:
-            out["vector_drift"] = round(float(np.mean(np.sum(self.vectors * self.anchors, axis=1))), 4)  # mean cos
+        if self.vectors is not None:  # cosine of each block's vector with its starting embedding
+            cos = np.sum(self.vectors * self.anchors, axis=1)
+            out["vector_drift"] = round(float(cos.mean()), 4)
+            out["vector_drift_p5"] = round(float(np.quantile(cos, 0.05)), 4)  # the 5% that moved most
         if self.s.traversal == "bandit":
             out["bandit_policy"] = np.round(self.bandit.policy(self._active()), 4).tolist() if self.graphs else []
         return out

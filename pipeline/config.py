@@ -428,7 +428,7 @@ class ManifoldConfig(Section):
     """`learned`: step size of the outer update of the vectors."""
     vector_anchor: float = Field(default=0.2, ge=0.0)
     """`learned`: pull of each vector back towards its starting embedding (against collapse)."""
-    update_blocks: int = Field(default=512, ge=2)
+    update_blocks: int = Field(default=2048, ge=2)
     """`learned`: blocks whose gradient features an outer update compares (pairwise)."""
     temperature: float = Field(default=0.5, gt=0.0)
     """`aligned`: temperature of the softmax over the candidates' probe alignments."""

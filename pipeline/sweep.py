@@ -45,7 +45,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import passage_nll
 from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
 from pipeline.model import build_scratch_model, train_tokenizer
-from pipeline.train import RunData, autocast_dtype, fit_settings, relora_settings
+from pipeline.train import RunData, autocast_dtype, fit_settings, manifold_context, relora_settings
 from pipeline.trainer import fit
 from pipeline.workspace import Workspace
 
@@ -220,6 +220,10 @@ class TrialWorld:
         ids = tokenize(self.tokenizer, passage_texts(data.corpus, rows))
         self.blocks = pack_by_topic(ids, data.topic_of[rows].tolist(), cfg.train.block_size,
                                     self.tokenizer.pad_token_id)
+        # a trial that picks the manifold sampler reads `manifold`; its learned space starts at the
+        # blocks' embeddings, and its aligned traversal's probe is the validation split, which
+        # also scores the trials (the one split a sweep may choose by)
+        self.manifold = manifold_context(cfg, ws, "sweep trial", None, data, rows, self.tokenizer)
         val = data.signal_rows()  # the validation split (held-out only for a run indexed without one)
         self.val_set = make_eval_set(self.tokenizer, data.corpus, val, data.topic_of[val].tolist(),
                                      cfg.train.block_size)
@@ -237,8 +241,9 @@ def train_and_score(cfg: NucleusConfig, world: TrialWorld) -> float:
         settings = relora_settings(cfg, settings)
     model.to(device)
     torch.manual_seed(cfg.seed)
+    manifold = {**world.manifold, "settings": cfg.manifold.settings()}  # the trial's own manifold keys
     fit(model, world.blocks, lambda: iter(make_sampler(t.sampler, world.blocks.topics, t.batch_size, world.graph,
-                                                       t.community_k, cfg.seed)),
+                                                       t.community_k, cfg.seed, manifold)),
         settings, device, desc="sweep trial")
     nll, count = passage_nll(model, world.val_set, t.eval_batch_size, device, world.tokenizer.pad_token_id,
                              autocast_dtype(cfg, device))

@@ -290,10 +290,8 @@ def add_lora(cfg: NucleusConfig, model):
 
 def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunData, tokenizer):
     def blocks_for(rows: list[int]) -> Blocks:
-        return pack_by_topic(ids_of(rows), data.topic_of[rows].tolist(), cfg.train.block_size, tokenizer.pad_token_id)
-
-    def ids_of(rows: list[int]) -> list[list[int]]:
-        return tokenize(tokenizer, passage_texts(data.corpus, rows))
+        ids = tokenize(tokenizer, passage_texts(data.corpus, rows))
+        return pack_by_topic(ids, data.topic_of[rows].tolist(), cfg.train.block_size, tokenizer.pad_token_id)
 
     rows = data.train_rows(nb.topics, nb.passage_ids)
     if not rows:
@@ -309,31 +307,36 @@ def _setup_data(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunDa
     val_set = make_eval_set(tokenizer, data.corpus, val, data.topic_of[val].tolist(), cfg.train.block_size) if val else None
     log.info("train %s: %d passages -> %d blocks of %d tokens", nb.id, len(rows), len(blocks),
              cfg.train.block_size)
-    manifold = manifold_context(cfg, ws, nb, data, rows, ids_of, blocks_for) if cfg.train.sampler == "manifold" else None
+    manifold = (manifold_context(cfg, ws, nb.id, nb.topics, data, rows, tokenizer)
+                if cfg.train.sampler == "manifold" else None)
     return blocks, replay, eval_set, val_set, manifold
 
 
-def manifold_context(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunData, rows: list[int],
-                     ids_of, blocks_for) -> dict:
-    """What the manifold sampler needs beside the blocks: its settings, the blocks' embeddings
-    (the learned space's start: the index's passage vectors, packed as the blocks are) and the
-    probe (the validation split of the neighbourhood's topics, packed; never the held-out one)."""
-    m = cfg.manifold
+def manifold_context(cfg: NucleusConfig, ws: Workspace, who: str, topics: list[int] | None, data: RunData,
+                     rows: list[int], tokenizer) -> dict:
+    """What the manifold sampler needs beside the blocks `rows` are packed into: its settings,
+    the blocks' embeddings (the learned space's start: the index's passage vectors, packed as
+    the blocks are) and the probe (the validation split of `topics`, or of every topic when
+    None, packed; never the held-out one). `who` names the training in errors."""
+    m, bs = cfg.manifold, cfg.train.block_size
     out: dict = {"settings": m.settings()}
     if m.space == "learned":
         from curriculum.manifold import block_vectors
 
         with reading(ws.index_dir / "embeddings.npy", "embeddings"):
             vectors = np.load(ws.index_dir / "embeddings.npy", mmap_mode="r")
-        out["block_vectors"] = block_vectors([len(x) for x in ids_of(rows)], data.topic_of[rows].tolist(),
-                                             cfg.train.block_size, np.asarray(vectors[rows], dtype=np.float32))
+        lengths = [len(x) for x in tokenize(tokenizer, passage_texts(data.corpus, rows))]
+        out["block_vectors"] = block_vectors(lengths, data.topic_of[rows].tolist(), bs,
+                                             np.asarray(vectors[rows], dtype=np.float32))
     if m.traversal == "aligned":
-        probe_rows = np.flatnonzero(data.validation & np.isin(data.topic_of, nb.topics)).tolist()
+        mine = np.isin(data.topic_of, topics) if topics is not None else np.ones(len(data.topic_of), bool)
+        probe_rows = np.flatnonzero(data.validation & mine).tolist()
         if not probe_rows:
-            raise UserError(f"manifold.traversal: 'aligned' needs validation passages of neighbourhood '{nb.id}' as "
-                            f"its probe; this run has none (split.validation_fraction = "
-                            f"{cfg.split.validation_fraction}). Re-index with split.validation_fraction > 0.")
-        probe = blocks_for(probe_rows)
+            raise UserError(f"manifold.traversal: 'aligned' needs validation passages of '{who}' as its probe; "
+                            f"this run has none (split.validation_fraction = {cfg.split.validation_fraction}). "
+                            f"Re-index with split.validation_fraction > 0.")
+        probe = pack_by_topic(tokenize(tokenizer, passage_texts(data.corpus, probe_rows)),
+                              data.topic_of[probe_rows].tolist(), bs, tokenizer.pad_token_id)
         out["probe"] = (probe.tokens, probe.mask)
     return out
 
