@@ -262,9 +262,10 @@ def topic_graph(info: dict, centroids: np.ndarray, params: dict):
                             p=float(params.get("graph_p", 0.1)), seed=0)
 
 
-def manifold_context(b: Bundle, params: dict, model, block_size: int) -> dict:
-    """The manifold arm's settings (its parameters over the product's defaults), the blocks'
-    embeddings and the probe. `layers=each`: one graph per hidden layer; `layers=N`: layer N."""
+def manifold_context(params: dict, model, block_vectors: np.ndarray | None = None, probe=None) -> dict:
+    """A `manifold:` arm's settings (its parameters over the product's defaults), the blocks'
+    embeddings (the learned space's start) and `probe()`, the aligned traversal's probe blocks.
+    `layers=each`: one graph per hidden layer; `layers=N`: layer N."""
     from curriculum.manifold import ManifoldSettings
 
     layers = params.get("layers", -1)
@@ -274,8 +275,12 @@ def manifold_context(b: Bundle, params: dict, model, block_size: int) -> dict:
     renamed = {"rebuild": "rebuild_every", "prefix": "prefix_tokens"}
     sets = {renamed.get(key, key): cast(params[key]) for key, cast in named.items() if key in params}
     settings = ManifoldSettings(**sets, layers=layers)
-    return {"settings": settings, "block_vectors": b.block_vectors,
-            "probe": b.probe(block_size) if settings.traversal == "aligned" else None}
+    if settings.space == "learned" and block_vectors is None:
+        raise SystemExit("manifold:space=learned needs the blocks' embeddings, which this bundle lacks")
+    if settings.traversal == "aligned" and probe is None:
+        raise SystemExit("manifold:traversal=aligned needs a validation split, which this bundle lacks")
+    return {"settings": settings, "block_vectors": block_vectors,
+            "probe": probe() if settings.traversal == "aligned" else None}
 
 
 @dataclass
@@ -376,7 +381,8 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 weighting=str(params.get("weighting", "natural")), seed=seed)
         elif name == "manifold":
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed,
-                                   manifold=manifold_context(b, params, model, s.block_size))
+                                   manifold=manifold_context(params, model, b.block_vectors,
+                                                             lambda: b.probe(s.block_size)))
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency,
                                    int(params.get("k", info["community_k"])), seed)

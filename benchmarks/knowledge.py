@@ -29,6 +29,10 @@ mixes entities), optimizer, schedule and evaluation points (`check_fair` from cu
                  degree, ignoring neighbourhoods
   reverse        control: the periphery first (the community farthest from the nucleus), then
                  expansion along the graph, the nucleus last
+  manifold       community traversal on a graph rebuilt from the model's activations
+                 (curriculum.manifold; `layers=each`, `traversal=bandit` and the rest as in
+                 curriculum.py; the learned space and the aligned traversal need embeddings and a
+                 validation split, which this bundle does not have)
 
 Curriculum arms take `coverage` (share of the steps before the natural mixture; default 0.5),
 `k` (neighbours joined to each chosen group; default groups-per-community - 1, about a community
@@ -75,9 +79,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import curriculum_report as report  # noqa: E402
 from benchmarks._procs import run_all  # noqa: E402
-from benchmarks.curriculum import Settings, _loss_fn, check_fair, parse_spec, read_bundle, sequences  # noqa: E402
+from benchmarks.curriculum import (MANIFOLD_PARAMS, Settings, _loss_fn, check_fair, manifold_context,  # noqa: E402
+                                   parse_spec, read_bundle, sequences)
 
-ARMS = ("uniform", "stratified", "odm", "skillit", "nucleus", "random_subset", "hubs", "reverse")
+ARMS = ("uniform", "stratified", "odm", "skillit", "nucleus", "random_subset", "hubs", "reverse", "manifold")
 CURRICULA = {"nucleus", "random_subset", "hubs", "reverse"}
 PARAMS = {"coverage", "k", "replay", "expanding", "policy"}
 QA_KEYS = ("acc", "acc_1hop", "acc_2hop", "acc_nucleus", "acc_near", "acc_far", "em", "answer_ppl")
@@ -252,7 +257,7 @@ class Bundle:
 
 def parse_arm(spec: str) -> tuple[str, dict]:
     """`name` or `name:key=value,...` -> (name, params); numbers become floats."""
-    return parse_spec(spec, ARMS, {name: PARAMS for name in CURRICULA})
+    return parse_spec(spec, ARMS, {**{name: PARAMS for name in CURRICULA}, "manifold": MANIFOLD_PARAMS})
 
 
 class HubPolicy:
@@ -359,6 +364,8 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 policy, _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
                 block_size=s.block_size, expanding=bool(params.get("expanding", 1)), seed=seed)
+        elif name == "manifold":  # the activation space only: this bundle has no embeddings, no validation split
+            sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed, manifold=manifold_context(params, model))
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency, 2, seed)
         sampler_box.append(sampler)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import curriculum as bench
@@ -67,19 +68,18 @@ def test_arm_specs_are_checked():
 def test_manifold_arm_parameters_reach_the_sampler_settings():
     """`manifold:` arm parameters become the product's ManifoldSettings (rebuild -> rebuild_every,
     layers=each -> every hidden layer of the model); an unknown one is refused."""
-    from types import SimpleNamespace
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     name, params = bench.parse_arm("manifold:space=learned,traversal=bandit,rebuild=25,prefix=32")
-    ctx = bench.manifold_context(SimpleNamespace(block_vectors=None), params, None, 64)
+    ctx = bench.manifold_context(params, None, block_vectors=np.zeros((4, 3), np.float32))
     s = ctx["settings"]
     assert (name, s.space, s.traversal, s.rebuild_every, s.prefix_tokens, s.layers) == \
         ("manifold", "learned", "bandit", 25, 32, (-1,))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                                          num_attention_heads=2))
-    assert bench.manifold_context(SimpleNamespace(block_vectors=None), {"layers": "each"}, model,
-                                  64)["settings"].layers == (1, 2, 3)
+    assert bench.manifold_context({"layers": "each"}, model)["settings"].layers == (1, 2, 3)
+    with pytest.raises(SystemExit, match="needs the blocks' embeddings"):
+        bench.manifold_context({"space": "learned"}, model)
     with pytest.raises(SystemExit, match="unknown parameters"):
         bench.parse_arm("manifold:radius=2")
 
