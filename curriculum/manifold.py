@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -242,13 +242,12 @@ class Exp3S:
 
 @dataclass
 class _Measured:
-    """What the last rebuilds measured: per-block loss (nan = never), per-cluster loss at the
-    last two rebuilds, which clusters were roots since."""
+    """What the rebuilds measured: each block's latest loss (nan = never measured), which
+    clusters were ever roots, and how often each was a root since the last rebuild (bandit)."""
 
     block_loss: np.ndarray
     visited: np.ndarray  # bool per cluster: ever a root
     drawn: np.ndarray  # roots drawn per cluster since the last rebuild
-    cluster_loss: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 class ManifoldSampler(BatchStream):
