@@ -375,3 +375,20 @@ def test_the_manifold_sampler_trains_an_adapter_and_the_report_draws_its_manifol
     assert summary["vector_drift"] < 1.0 and set(summary["snapshots"]) == {"start", "end"}
     plots = report.run(cfg, ws).plots
     assert "manifold-topic-2.png" in plots and (trained_run_copy / "reports" / "manifold-topic-2.png").stat().st_size
+
+
+def test_the_aligned_traversal_without_a_validation_split_says_what_is_missing(trained_run_copy):
+    """A run indexed without a validation split (its split column holds train and heldout only)
+    has no probe for `manifold.traversal: aligned`: a UserError names the key and the fix, and
+    the held-out split is never taken in its place."""
+    import pyarrow as pa
+
+    path = trained_run_copy / "topics" / "assignments.parquet"
+    table = pq.read_table(path).to_pydict()
+    table["split"] = ["heldout" if s == "heldout" else "train" for s in table["split"]]
+    pq.write_table(pa.table(table), path)
+    ws = Workspace(trained_run_copy)
+    cfg = _cfg(ws, "train.sampler=manifold", "manifold.traversal=aligned", "lora.steps=2")
+    with pytest.raises(UserError, match=r"manifold.traversal: 'aligned' needs validation passages of 'topic-2'.*"
+                                        r"split.validation_fraction > 0"):
+        train.run(cfg, ws, "topic-2")
