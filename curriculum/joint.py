@@ -96,24 +96,31 @@ class GroupBatches(BatchStream):
         return self._members[i][self._streams[i].next_batch()]
 
 
-def export_expert(peft_model, expert: str, out: Path) -> None:
+def export_expert(peft_model, expert: str, out: Path, expert_at: dict[str, str] | None = None) -> None:
     """Write `shared` + `expert` as ONE stock peft LoRA adapter in `out` (rank r_s + r_e):
-    A = [A_s; A_e], B = [B_s * s_s / s, B_e * s_e / s] with s = 1, so B A s = the summed delta."""
+    A = [A_s; A_e], B = [B_s * s_s / s, B_e * s_e / s] with s = 1, so B A s = the summed delta.
+    `expert_at` (layer label -> expert) takes a layer's expert factors from another expert: the
+    one that owns it after tethers tied them (curriculum/plateau_tethers.py)."""
     from peft import get_peft_model_state_dict
 
+    from curriculum.tethers import layer_label
+
+    expert_at = expert_at or {}
     configs = peft_model.peft_config
-    shared_cfg, expert_cfg = configs[SHARED], configs[expert]
-    scales = {name: cfg.lora_alpha / cfg.r for name, cfg in ((SHARED, shared_cfg), (expert, expert_cfg))}
+    names = {expert, *expert_at.values()}
+    scales = {name: configs[name].lora_alpha / configs[name].r for name in (SHARED, *names)}
     parts = {name: get_peft_model_state_dict(peft_model, adapter_name=name) for name in scales}
     state = {}
     for key, a in parts[SHARED].items():
-        b = parts[expert][key]
+        source = expert_at.get(layer_label(key.removeprefix("base_model.model.")), expert)
+        b = parts[source][key]
         if key.endswith("lora_A.weight"):
             state[key] = torch.cat([a, b], dim=0)
         elif key.endswith("lora_B.weight"):
-            state[key] = torch.cat([a * scales[SHARED], b * scales[expert]], dim=1)
+            state[key] = torch.cat([a * scales[SHARED], b * scales[source]], dim=1)
         else:
             raise ValueError(f"export_expert: unexpected adapter tensor '{key}' (only LoRA A/B are supported)")
+    shared_cfg, expert_cfg = configs[SHARED], configs[expert]
     merged = copy.deepcopy(shared_cfg)
     merged.r = shared_cfg.r + expert_cfg.r
     merged.lora_alpha = merged.r  # scale 1: the scales live in B

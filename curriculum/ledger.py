@@ -2,7 +2,10 @@
 and every rabbit hole (walk probe or generative excursion) that informed the round.
 
 Written by the orchestrator only (one process), read by reports. A proposal is recorded before
-its neighbourhood trains, so an interrupted round is resumed with the same proposals.
+its neighbourhood trains, so an interrupted round is resumed with the same proposals. The same
+file holds two tables others write: `merges` (`nucleus adapters merge`, curriculum/tethers.py)
+and `tether_checks` (each training with `tethers.during`, when it ends, replacing its own rows:
+curriculum/plateau_tethers.py); SQLite's locking (with a 30 s timeout) orders the writers.
 """
 
 from __future__ import annotations

@@ -55,9 +55,14 @@ class LoraFactors:
         """Layer label ('0', '1', ... or 'other') -> its modules, in order."""
         out: dict[str, list[str]] = {}
         for m in sorted(self.modules, key=_module_order):
-            match = _LAYER.search(f".{m}.")
-            out.setdefault(match.group(1) if match else "other", []).append(m)
+            out.setdefault(layer_label(m), []).append(m)
         return out
+
+
+def layer_label(module: str) -> str:
+    """The layer a module name belongs to: its first number ('0', '1', ...), or 'other'."""
+    match = _LAYER.search(f".{module}.")
+    return match.group(1) if match else "other"
 
 
 def _module_order(m: str):
@@ -140,11 +145,18 @@ def check_same_shape(adapters: list[LoraFactors], what: str) -> None:
 # ------------------------------------------------------------------------ compatibility
 
 
-def _inner(x: LoraFactors, y: LoraFactors, module: str) -> float:
-    """<ΔW_x, ΔW_y>_F without forming ΔW: sum((B_x^T B_y) * (A_x A_y^T)) * scales (r x r work)."""
-    ax, bx = x.modules[module]
-    ay, by = y.modules[module]
-    return float(((bx.T @ by) * (ax @ ay.T)).sum()) * x.scale * y.scale
+def factor_inner(ax, bx, ay, by) -> float:
+    """<B_x A_x, B_y A_y>_F without forming either product: sum((B_x^T B_y) * (A_x A_y^T)) (r x r work)."""
+    return float(((bx.T @ by) * (ax @ ay.T)).sum())
+
+
+def delta_cosine(xs: list[tuple], ys: list[tuple]) -> float:
+    """Cosine of two layers' deltas, each given as its modules' (A, B, scale), in the same order:
+    all of a layer's modules flattened into one vector."""
+    def inner(us, vs):
+        return sum(factor_inner(a, b, c, d) * s * t for (a, b, s), (c, d, t) in zip(us, vs))
+
+    return inner(xs, ys) / max((inner(xs, xs) * inner(ys, ys)) ** 0.5, 1e-30)
 
 
 def compatibility(x: LoraFactors, y: LoraFactors) -> dict[str, float]:
@@ -152,10 +164,8 @@ def compatibility(x: LoraFactors, y: LoraFactors) -> dict[str, float]:
     check_same_shape([x, y], "compat")
     out: dict[str, float] = {}
     for layer, modules in x.layers().items():
-        xy = sum(_inner(x, y, m) for m in modules)
-        xx = sum(_inner(x, x, m) for m in modules)
-        yy = sum(_inner(y, y, m) for m in modules)
-        out[layer] = xy / max((xx * yy) ** 0.5, 1e-30)
+        out[layer] = delta_cosine([(*x.modules[m], x.scale) for m in modules],
+                                  [(*y.modules[m], y.scale) for m in modules])
     out["mean"] = float(np.mean(list(out.values())))
     return out
 

@@ -207,7 +207,7 @@ class TrainConfig(Section):
     compile: bool | Literal["auto"] = "auto"
     """`torch.compile` the training forward and loss: `true`, `false`, or `auto` (on a GPU for trainings of at least 200 steps, where the one-off compilation pays; never on CPU)."""
     relora_every: int | None = Field(default=None, ge=1)
-    """ReLoRA for the scratch base (Lialin et al. 2023): train it as a LoRA adapter (plus embeddings and norms) merged into the weights and restarted every N steps, with the learning rate re-warmed; unset = plain full-rank training."""
+    """ReLoRA for the nucleus's training of the base, scratch or a local unquantised Hugging Face model (Lialin et al. 2023): train it as a LoRA adapter (plus embeddings and norms) merged into the weights and restarted every N steps, with the learning rate re-warmed; the result is a plain model. Unset = plain full-rank training (scratch) or a LoRA adapter on the base (HF)."""
     relora_rank: int = Field(default=64, ge=1)
     """Rank of each ReLoRA cycle's adapter."""
     relora_warmup: int = Field(default=20, ge=1)
@@ -403,6 +403,31 @@ class AdaptersConfig(Section):
         return _registry_choice(v, MERGE_METHODS)
 
 
+class TethersConfig(Section):
+    """Tethers during adapter training (curriculum/plateau_tethers.py): at a plateau, compatible layers of the adapters merge."""
+
+    during: bool = False
+    """Check tethers whenever an adapter training plateaus (`explore`'s neighbourhoods and `train -n`: against the finished adapters; `train --joint`: among the experts training together) and merge the compatible layers."""
+    window: int = Field(default=6, ge=2)
+    """Logged losses (one per 10 training steps, each their mean) a plateau is judged over."""
+    loss_delta: float = Field(default=0.01, ge=0.0, lt=1.0)
+    """A plateau: the mean logged loss of the window's second half differs from its first half's by less than this fraction."""
+    grad_norm: float = Field(default=0.0, ge=0.0)
+    """A plateau also when the gradient norm falls under this (0 = off)."""
+    threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
+    """A layer merges when its compatibility (cosine of the two adapters' deltas there, as `adapters compat`) is at least this."""
+    max_merges_per_epoch: int = Field(default=8, ge=1)
+    """Layer merges allowed per epoch of the training's blocks."""
+    formula: Literal["svd", "factors"] = "svd"
+    """How a layer merges: `svd` (the best rank-r approximation of the mean of the deltas) or `factors` (the mean of the A and of the B factors); both keep the rank."""
+
+    def settings(self):
+        """The plain settings `curriculum.plateau_tethers` takes."""
+        from curriculum.plateau_tethers import TetherSettings
+
+        return TetherSettings(**self.model_dump(exclude={"during"}))
+
+
 class ManifoldConfig(Section):
     """`train.sampler: manifold`: batch communities on a graph rebuilt from the model being trained (curriculum/manifold.py)."""
 
@@ -527,6 +552,7 @@ class NucleusConfig(Section):
     explore: ExploreConfig = ExploreConfig()
     jobs: JobsConfig = JobsConfig()
     adapters: AdaptersConfig = AdaptersConfig()
+    tethers: TethersConfig = TethersConfig()
     manifold: ManifoldConfig = ManifoldConfig()
     sweep: SweepConfig = SweepConfig()
 

@@ -1,8 +1,9 @@
 """ReLoRA (Lialin et al. 2023, "ReLoRA: High-Rank Training Through Low-Rank Updates";
 Guitaricet/relora): a full model trained through a sequence of low-rank updates.
 
-The base's linear layers train as a LoRA adapter of rank `train.relora_rank`; embeddings and
-norms train in full, as in the paper. Every `train.relora_every` steps the adapter is merged
+The base (the scratch preset, or any local unquantised Hugging Face model) has its linear layers
+trained as a LoRA adapter of rank `train.relora_rank`; embeddings and norms train in full, as in
+the paper. Every `train.relora_every` steps the adapter is merged
 into the base weights (W += scale * B A) and re-initialised (A random, B = 0, so the model's
 outputs do not change at the merge), most of the adapter's optimizer state is pruned by
 magnitude (`train.relora_prune`), and the learning rate re-warms over `train.relora_warmup`
@@ -16,6 +17,8 @@ so a training killed mid-cycle resumes to where an uninterrupted one ends.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -25,22 +28,37 @@ GROWTH_MODULES = (
     module("growth", "full_rank", "plain full-rank training of the base"),
     module("growth", "relora", "ReLoRA: a LoRA merged into the base and restarted every N steps",
            (Param("train.relora_every", "int", 100, 10, 1000, log=True),
-            Param("train.relora_rank", "int", 64, 8, 256, log=True)), needs=("scratch_model",)),
+            Param("train.relora_rank", "int", 64, 8, 256, log=True))),
 )
 
 ADAPTER = "default"
 
 
+def check_mergeable(base: str) -> None:
+    """A UserError when the Hugging Face model at `base` is quantised: ReLoRA adds each cycle's
+    adapter into the base weights, which quantised weights cannot take exactly."""
+    from pipeline.atomic import read_json
+    from pipeline.errors import UserError
+
+    config = read_json(Path(base) / "config.json") if (Path(base) / "config.json").is_file() else {}
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UserError(f"train.relora_every: ReLoRA merges its adapter into the base weights every cycle, and "
+                        f"'{base}' is quantised (quantization_config: {method}), which cannot take the merges. "
+                        f"Use an unquantised copy of the model, or unset train.relora_every.")
+
+
 def wrap(model: nn.Module, rank: int, seed: int) -> nn.Module:
-    """The model with a LoRA adapter on every linear layer but the output; embeddings and norms
-    trainable too."""
+    """The model with a LoRA adapter on every linear layer but the output; everything else (the
+    embeddings, norms, biases, an untied output layer) trains in full, as in the paper."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
                                                   target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
     for name, p in peft_model.named_parameters():
-        if "embed" in name or "norm" in name:
+        if ".base_layer." not in name:  # the LoRA-wrapped weights stay frozen: their update is the adapter
             p.requires_grad_(True)
     return peft_model
 

@@ -9,6 +9,9 @@
    the topics it landed in.
 7. Adapter training dynamics: each neighbourhood's held-out perplexity under its adapter while
    it trains, with the merge points of `nucleus adapters merge` (tethers) marked.
+8. The manifold sampler's space at the start and the end, with the roots' path.
+9. Tethers during training: each tethered training's 3-D trajectory (two tracked parameters
+   and the loss, coloured by epoch, merges marked) and its pairs' compatibility against steps.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def run(cfg: NucleusConfig, ws: Workspace) -> ReportResult:
     holes = ledger.rabbit_holes() if ledger else []
     done = [p for p in proposals if p["status"] == "done"]
     plots = [_graph_plot(ws, out, done), _curves_plot(ws, out), _qa_plot(ws, out), _topic_plot(ws, out),
-             _curiosity_plot(out, done), _adapters_plot(ws, out), *_manifold_plots(ws, out)]
+             _curiosity_plot(out, done), _adapters_plot(ws, out), *_manifold_plots(ws, out), *_tether_plots(ws, out)]
     plots = [p for p in plots if p]
     pairs = [(p["predicted"], p["progress"]) for p in done if p["predicted"] is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
@@ -222,7 +225,8 @@ def _topic_plot(ws: Workspace, out: Path) -> str | None:
             continue
         for t in info["topics"]:
             key = f"topic/{t}/ppl"
-            if key in res["metrics"] and (t not in after or res["metrics"][key] < after[t]):
+            if key in res["metrics"] and key in res.get("metrics_before", {}) and (
+                    t not in after or res["metrics"][key] < after[t]):
                 before[t], after[t] = res["metrics_before"][key], res["metrics"][key]
     if not after:
         return None
@@ -250,6 +254,31 @@ def _manifold_plots(ws: Workspace, out: Path) -> list[str]:
         fig = manifold_figure(summary, f"{nb_id}: the manifold sampler's {summary['space']} space "
                                        f"({summary['traversal']}), colour = topic, line = roots' path")
         plots.append(_save(fig, out / f"manifold-{nb_id}.png"))
+    return plots
+
+
+def _tether_plots(ws: Workspace, out: Path) -> list[str]:
+    """One figure per training with tethers during training (`tethers.during`): its trajectory
+    and its pairs' compatibility (the ledger's `tether_checks`)."""
+    from curriculum.plateau_tethers import read_checks
+    from curriculum.tether_plot import tether_figure
+
+    path = ws.logs_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows: dict[str, list[dict]] = {}
+    for row in metrics_log.read(path):
+        if "tether/p1" in row:
+            rows.setdefault(row["nb"], []).append(row)
+    checks: dict[str, list[dict]] = {}
+    for c in read_checks(ws.root / "ledger.sqlite"):
+        checks.setdefault(c["training"], []).append(c)
+    plots = []
+    for training in sorted(rows):
+        name = training if training == "_joint" else check_nb_id(training)  # `_joint`: train --joint
+        fig = tether_figure(rows[training], checks.get(training, []),
+                            f"{name}: tethers during training (merges marked)")
+        plots.append(_save(fig, out / f"tethers-{name}.png"))
     return plots
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from curriculum import plateau_tethers
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
 from pipeline import __version__, distributed, metrics_log, question_set, relora
@@ -41,9 +43,12 @@ SECTIONS = (*nucleate_stage.SECTIONS, "model", "train", "lora")
 
 def stage_sections(cfg: NucleusConfig, nb_id: str) -> tuple[str, ...]:
     """Config sections a training depends on: a scratch nucleus does not read `lora`; only the
-    manifold sampler reads `manifold`."""
+    manifold sampler reads `manifold`, and only a neighbourhood's adapter with tethers on reads
+    `tethers`."""
     sections = SECTIONS[:-1] if nb_id == NUCLEUS and cfg.model.base == "scratch" else SECTIONS
-    return (*sections, "manifold") if cfg.train.sampler == "manifold" else sections
+    if cfg.train.sampler == "manifold":
+        sections = (*sections, "manifold")
+    return (*sections, "tethers") if cfg.tethers.during and nb_id != NUCLEUS else sections
 
 
 @dataclass
@@ -60,6 +65,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
     skipped: bool = False
+    tethers: dict = field(default_factory=dict)  # plateau-triggered tethers: checks, merges (tethers.during)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,14 +127,13 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
                         f"`nucleus nucleate --run-dir {ws.root} --force`.")
     if resume and not force:
         checkpoint_step(ws.root / "checkpoints" / nb.id)  # a damaged one is named now, not after setup
-    check_model(cfg, ws)
     if cfg.train.relora_every is not None and nb.id == NUCLEUS:
         if cfg.model.base != "scratch":
-            raise UserError(f"train.relora_every: ReLoRA trains the scratch base; the base '{cfg.model.base}' "
-                            f"trains as LoRA adapters already. Unset train.relora_every, or use model.base: scratch.")
+            relora.check_mergeable(cfg.model.base)
         if cfg.train.relora_every >= cfg.train.nucleus_steps:
             raise UserError(f"train.relora_every: {cfg.train.relora_every} must be below train.nucleus_steps "
                             f"({cfg.train.nucleus_steps}), or no merge ever happens.")
+    check_model(cfg, ws)
     replay_rows = int(round(cfg.lora.replay_fraction * cfg.train.batch_size)) if nb.id != NUCLEUS else 0
     problem = distributed.check_batch(cfg.train.batch_size, replay_rows)
     if problem:
@@ -250,6 +255,9 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
             texts = passage_texts(data.corpus, np.flatnonzero(data.trainable).tolist())
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
             model, kind = build_scratch_model(tokenizer, cfg.model.size, cfg.seed), "full"
+        elif cfg.train.relora_every is not None:  # ReLoRA trains all of a pretrained model too
+            model, tokenizer = load_pretrained(cfg.model.base, cfg.model.trust_remote_code)
+            kind = "full"
         else:
             model, tokenizer = load_pretrained(cfg.model.base, cfg.model.trust_remote_code)
             if distributed.is_main():
@@ -409,17 +417,50 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
     before = evaluate_fn(model) if main else {}
     if start is None and main:
         log_metrics({"step": 0, "tokens": 0, **before})
+    tethers = (apart_tethers(cfg, ws, nb.id, model, len(blocks), checkpoints if start is not None else None)
+               if cfg.tethers.during and nb.id != NUCLEUS else None)
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, sampler_for(blocks, 0), settings, device, evaluate=evaluate_fn,
                  replay=replay, make_replay_sampler=sampler_for(replay, 1) if replay is not None else None,
                  checkpoint_dir=checkpoints, resume=start is not None, checkpoint_tag=tag, log=log_metrics,
-                 desc=f"train {nb.id}")
+                 tethers=tethers, desc=f"train {nb.id}")
     if main and hasattr(made[0], "summary"):  # the manifold's path and 2-D snapshots, for `nucleus report`
         atomic_write_json(manifold_summary_path(ws, nb.id), {"config_hash": tag, **made[0].summary()})
+    if main and tethers is not None:
+        plateau_tethers.record_checks(ws.root / "ledger.sqlite", nb.id, tethers.events, now())
     return TrainResult(neighborhood=nb.id, kind=kind, output="", steps=fitted.steps, tokens=fitted.tokens,
                        seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
                        trainable_params=count_parameters(model, trainable_only=True),
-                       metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from)
+                       metrics_before=before, metrics=fitted.metrics, resumed_from=fitted.resumed_from,
+                       tethers=plateau_tethers.summary(tethers) if tethers is not None else {})
+
+
+def steps_per_epoch(cfg: NucleusConfig, n_blocks: int) -> int:
+    return max(1, math.ceil(n_blocks / (cfg.train.batch_size * cfg.train.grad_accum)))
+
+
+def apart_tethers(cfg: NucleusConfig, ws: Workspace, nb_id: str, model, n_blocks: int,
+                  resuming: Path | None) -> plateau_tethers.ApartTethers:
+    """Tethers of a neighbourhood's adapter against the finished adapters of the run: those there
+    when it started (a resumed training, from `resuming`'s checkpoint, keeps the same ones)."""
+    from curriculum.tethers import read_lora
+    from pipeline import adapters as adapters_stage
+
+    names = None
+    if resuming is not None:
+        names = (read_json(resuming / "latest" / "state.json").get("tethers") or {}).get("others")
+    entries = [e for e in adapters_stage.scan(ws) if e.id != nb_id and (names is None or e.id in names)]
+    if names is not None and len(entries) != len(names):
+        missing = sorted(set(names) - {e.id for e in entries})
+        raise UserError(f"train {nb_id}: its checkpoint was tethered to adapters that are gone ({missing}); "
+                        f"start it over with --restart.")
+    modules = plateau_tethers.lora_modules(model)
+    others, skipped = plateau_tethers.compatible_others([read_lora(e.path, e.id) for e in entries], modules,
+                                                        cfg.lora.rank, cfg.lora.alpha / cfg.lora.rank)
+    if skipped:
+        log.info("train %s: tethers leave out %s (another rank, scale or target modules)", nb_id, ", ".join(skipped))
+    log.info("train %s: tethered to %d finished adapter(s)", nb_id, len(others))
+    return plateau_tethers.ApartTethers(model, others, cfg.tethers.settings(), steps_per_epoch(cfg, n_blocks))
 
 
 def manifold_summary_path(ws: Workspace, nb_id: str) -> Path:
@@ -481,7 +522,7 @@ def _save(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer,
     sections = stage_sections(cfg, nb.id)
     record = {"neighborhood": nb.to_json(), "config_hash": section_hash(cfg, sections),
               "version": __version__, "finished": now()}
-    if kind == "full":  # the scratch nucleus: the trained model is the base
+    if kind == "full":  # the scratch nucleus, or one trained with ReLoRA: the trained model is the base
         base_dir = ws.root / "model" / "base"
         result.output = str(base_dir)
         save_base(model.cpu(), tokenizer, base_dir)

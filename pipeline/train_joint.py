@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from curriculum.joint import GroupBatches, activate, add_joint_lora, export_expert, trainable_parameters
+from curriculum.plateau_tethers import JointTethers, record_checks, summary
 from curriculum.neighborhood import NUCLEUS, Neighborhood
-from pipeline import __version__
+from pipeline import __version__, metrics_log
 from pipeline import adapters as adapters_stage
 from pipeline import nucleate as nucleate_stage
 from pipeline.atomic import atomic_path, atomic_write_json, read_json
@@ -38,8 +39,9 @@ from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
 from pipeline.model import load_pretrained, resolve_device
-from pipeline.train import SECTIONS, RunData, TrainResult, adapter_dir, autocast_dtype, check_model, fit_settings
-from pipeline.trainer import fit
+from pipeline.train import (SECTIONS, RunData, TrainResult, adapter_dir, autocast_dtype, check_model, fit_settings,
+                            steps_per_epoch)
+from pipeline.trainer import checkpoint_step, fit
 from pipeline.workspace import Workspace, now
 
 log = logging.getLogger("nucleus.train")
@@ -59,6 +61,7 @@ class JointResult:
     adapters: list[dict] = field(default_factory=list)  # each member's TrainResult
     resumed_from: int = 0
     skipped: bool = False
+    tethers: dict = field(default_factory=dict)  # tethers.during: checks, merges, which experts serve whom
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,10 +77,13 @@ def check(cfg: NucleusConfig, ws: Workspace) -> None:
 def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = True, force: bool = False) -> JointResult:
     ws.require("train", "train --joint")
     members = _members(ws)
-    config_hash = section_hash(cfg, SECTIONS)
+    config_hash = section_hash(cfg, joint_sections(cfg))
     done = _finished(ws, members, config_hash)
     if done is not None and not force:
         return done
+    # the base's metrics on each member, from its training apart: the base has not changed since
+    before = {nb.id: read_json(adapter_dir(ws, nb.id) / "neighborhood.json").get("result", {}).get("metrics_before", {})
+              for nb in members}
     data = RunData.load(ws)
     device = resolve_device(cfg.train.device)
     model, tokenizer = load_pretrained(str(ws.root / "model" / "base"))
@@ -95,28 +101,48 @@ def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = True, force:
     settings = fit_settings(cfg, cfg.lora.steps * len(members), cfg.lora.lr, device, replay=False)
     # switching the active expert between batches changes the graph: compiled, it would recompile
     settings = dataclasses.replace(settings, compile=False)
+    share = np.bincount(blocks.topics, minlength=len(members)) / len(blocks)  # of the batches, so of the tokens
+    tethers = None
+    if cfg.tethers.during:  # experts tie layer by layer when they plateau compatible
+        tethers = JointTethers(model, [nb.id for nb in members], experts, share.tolist(), cfg.tethers.settings(),
+                               steps_per_epoch(cfg, len(blocks)))
+        on_batch = lambda idx: tethers.activate(int(blocks.topics[idx[0]]))  # noqa: E731
+    else:
+        on_batch = lambda idx: activate(model, experts[int(blocks.topics[idx[0]])])  # noqa: E731
+    checkpoints = ws.root / "checkpoints" / CHECKPOINT
+    tag = f"{config_hash}:{','.join(nb.id for nb in members)}"
+    resuming = resume and not force and checkpoint_step(checkpoints, tag) is not None
+    metrics_file = ws.logs_dir / "metrics.jsonl"
+    metrics_log.drop_after(metrics_file, CHECKPOINT, checkpoint_step(checkpoints, tag) if resuming else -1)
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, lambda: GroupBatches(blocks.topics, cfg.train.batch_size, seed=cfg.seed), settings,
-                 device, checkpoint_dir=ws.root / "checkpoints" / CHECKPOINT, resume=resume and not force,
-                 checkpoint_tag=f"{config_hash}:{','.join(nb.id for nb in members)}",
-                 on_batch=lambda idx: activate(model, experts[int(blocks.topics[idx[0]])]), desc="train --joint")
+                 device, checkpoint_dir=checkpoints, resume=resuming, checkpoint_tag=tag, on_batch=on_batch,
+                 log=lambda row: metrics_log.append(metrics_file, {"nb": CHECKPOINT, "time": now(), **row}),
+                 tethers=tethers, desc="train --joint")
 
     result = JointResult([nb.id for nb in members], cfg.lora.shared_rank, cfg.lora.rank, fitted.steps,
                          fitted.tokens, fitted.seconds, trainable_parameters(model), resumed_from=fitted.resumed_from)
-    metrics = _evaluate(cfg, ws, data, model, tokenizer, members, experts, device)
-    share = np.bincount(blocks.topics, minlength=len(members)) / len(blocks)  # of the batches, so of the tokens
+    metrics = _evaluate(cfg, ws, data, model, tokenizer, members, experts, device, tethers)
+    if tethers is not None:
+        record_checks(ws.root / "ledger.sqlite", CHECKPOINT, tethers.events, now())
+        result.tethers = summary(tethers)
     for g, (nb, expert) in enumerate(zip(members, experts)):
         member = TrainResult(neighborhood=nb.id, kind="joint", output=str(adapter_dir(ws, nb.id)),
                              steps=cfg.lora.steps, tokens=int(round(share[g] * fitted.tokens)),
                              seconds=fitted.seconds, tokens_per_s=round(fitted.tokens_per_s, 1),
-                             trainable_params=result.trainable_params, metrics=metrics[nb.id],
-                             resumed_from=fitted.resumed_from)
-        _save(cfg, ws, nb, model, expert, member, result, config_hash)
+                             trainable_params=result.trainable_params, metrics_before=before[nb.id],
+                             metrics=metrics[nb.id], resumed_from=fitted.resumed_from)
+        expert_at = {layer: experts[owners[g]] for layer, owners in tethers.owner.items()} if tethers else None
+        _save(cfg, ws, nb, model, expert, member, result, config_hash, expert_at)
         result.adapters.append(member.to_json())
     shutil.rmtree(ws.root / "checkpoints" / CHECKPOINT, ignore_errors=True)
     log.info("train --joint: %d steps, %d tokens -> %s", fitted.steps, fitted.tokens,
              ", ".join(m.id for m in members))
     return result
+
+
+def joint_sections(cfg: NucleusConfig) -> tuple[str, ...]:
+    return (*SECTIONS, "tethers") if cfg.tethers.during else SECTIONS
 
 
 def _members(ws: Workspace) -> list[Neighborhood]:
@@ -141,25 +167,28 @@ def _finished(ws: Workspace, members: list[Neighborhood], config_hash: str) -> J
 
 
 def _evaluate(cfg: NucleusConfig, ws: Workspace, data: RunData, model, tokenizer, members: list[Neighborhood],
-              experts: list[str], device: torch.device) -> dict[str, dict[str, float]]:
+              experts: list[str], device: torch.device, tethers: JointTethers | None) -> dict[str, dict[str, float]]:
     """Held-out metrics of each member's adapter (shared + its expert), as a training records them."""
     held = data.heldout_rows()
     eval_set = make_eval_set(tokenizer, data.corpus, held, data.topic_of[held].tolist(), cfg.train.block_size)
     nucleus_topics = nucleate_stage.load_neighborhood(ws, NUCLEUS).topics
     out = {}
-    for nb, expert in zip(members, experts):
-        activate(model, expert)
+    for g, (nb, expert) in enumerate(zip(members, experts)):
+        if tethers is not None:
+            tethers.activate(g)
+        else:
+            activate(model, expert)
         out[nb.id] = evaluate(model, eval_set, cfg.train.eval_batch_size, device, tokenizer.pad_token_id,
                               {nb.id: nb.topics}, nucleus_topics, autocast_dtype(cfg, device))
     return out
 
 
 def _save(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, expert: str, member: TrainResult,
-          result: JointResult, config_hash: str) -> None:
+          result: JointResult, config_hash: str, expert_at: dict[str, str] | None) -> None:
     out = adapter_dir(ws, nb.id)
     joint = {k: v for k, v in result.to_json().items() if k not in ("adapters", "skipped")}
     with atomic_path(out) as tmp:
-        export_expert(model, expert, tmp)
+        export_expert(model, expert, tmp, expert_at)
         atomic_write_json(tmp / "neighborhood.json", {
             "neighborhood": nb.to_json(), "config_hash": config_hash, "version": __version__, "finished": now(),
             "topics": nb.topics, "parent": nb.parent, "passages": len(nb.passage_ids),

@@ -118,7 +118,7 @@ class _Checkpoint:
         return self.dir is not None and checkpoint_step(self.dir, self.tag) is not None
 
     def save(self, model: nn.Module, trained: set[str], opt, sched, step: int, tokens: int,
-             sampler_state: dict | None = None) -> None:
+             sampler_state: dict | None = None, tethers_state: dict | None = None) -> None:
         if self.dir is None:
             return
         with atomic_path(self.dir / "latest") as tmp:
@@ -132,9 +132,10 @@ class _Checkpoint:
                 save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "sampler.safetensors"))
                 sampler_state = {k: v for k, v in sampler_state.items() if k not in arrays}
             (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "sampler": sampler_state,
-                                                        "sampler_arrays": sorted(arrays), "tag": self.tag}))
+                                                        "sampler_arrays": sorted(arrays), "tag": self.tag,
+                                                        "tethers": tethers_state}))
 
-    def load(self, model: nn.Module, opt, sched) -> tuple[int, int, dict | None]:
+    def load(self, model: nn.Module, opt, sched) -> tuple[int, int, dict | None, dict | None]:
         latest = self.dir / "latest"
         with reading(latest, "training checkpoint"):
             weights = load_file(str(latest / "trainable.safetensors"))
@@ -151,7 +152,7 @@ class _Checkpoint:
             sampler_state = counters.get("sampler")
             if counters.get("sampler_arrays"):
                 sampler_state = {**sampler_state, **load_numpy(str(latest / "sampler.safetensors"))}
-        return int(counters["step"]), int(counters["tokens"]), sampler_state
+        return int(counters["step"]), int(counters["tokens"]), sampler_state, counters.get("tethers")
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -175,13 +176,14 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         replay: Blocks | None = None, make_replay_sampler: Callable[[], Iterator[np.ndarray]] | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, checkpoint_tag: str | None = None,
         log: log_fn | None = None, on_batch: Callable[[np.ndarray], None] | None = None,
-        desc: str = "train") -> FitResult:
+        tethers=None, desc: str = "train") -> FitResult:
     """Train `model`'s trainable parameters for `settings.steps` optimizer steps.
 
     With `resume`, a checkpoint in `checkpoint_dir` saved under the same `checkpoint_tag` (the
     caller's config hash) is continued; any other is ignored and later overwritten.
     `on_batch(block_indices)` runs before each micro-batch's forward pass (joint adapter
-    training switches the active expert there)."""
+    training switches the active expert there). `tethers` (curriculum/plateau_tethers.py) sees
+    every logged loss and may merge adapter layers there; its state is checkpointed."""
     s = settings
     # Every parameter trainable at the start is optimised; one that a step leaves without a
     # gradient (an idle expert in joint training) is skipped by AdamW and the clipping.
@@ -201,7 +203,9 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     saved = {n for n, _ in model.named_parameters()} if every else trained
     step, tokens, sampler_state = 0, 0, None
     if resume and ckpt.exists():
-        step, tokens, sampler_state = ckpt.load(model, opt, sched)
+        step, tokens, sampler_state, tethers_state = ckpt.load(model, opt, sched)
+        if tethers is not None and tethers_state is not None:
+            tethers.load_state_dict(tethers_state)
     start_step = step
 
     n_replay = int(round(s.replay_fraction * s.batch_size)) if replay is not None and len(replay) else 0
@@ -300,9 +304,11 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
             elapsed = time.perf_counter() - t0
             tps = (tokens - tokens_at_t0) / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+            # every rank: the same loss and gradient norm, so the same merges
+            extra = tethers.on_log(step, last_loss, float(grad_norm), opt) if tethers is not None else {}
             if log:
                 log({"step": step, "tokens": tokens, "train/loss": last_loss, "lr": sched.get_last_lr()[0],
-                     "grad_norm": float(grad_norm), "tokens_per_s": tps})
+                     "grad_norm": float(grad_norm), "tokens_per_s": tps, **extra})
             recent_loss.zero_()
             recent_n = 0
         if evaluate is not None and main and (step % s.eval_every == 0 or is_last):
@@ -312,7 +318,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
             model.train()
         if step % s.checkpoint_every == 0 and not is_last and main:
             ckpt.save(model, saved, opt, sched, step, tokens,
-                      sampler.state_dict() if hasattr(sampler, "state_dict") else None)
+                      sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+                      tethers.state_dict() if tethers is not None else None)
     bar.close()
     elapsed = time.perf_counter() - t0
     return FitResult(steps=step, tokens=tokens, seconds=round(elapsed, 3),

@@ -65,9 +65,9 @@ def test_needs_decide_which_combinations_are_valid():
         [("chunked", "plain_logits")]
     combos = modules.valid_combinations(("model", "loss", "growth"))
     assert {"model": "hf", "loss": "chunked", "growth": "full_rank"} not in combos
-    assert {"model": "hf", "loss": "full", "growth": "relora"} not in combos
+    assert {"model": "hf", "loss": "full", "growth": "relora"} in combos  # ReLoRA trains any base
     assert {"model": "tiny", "loss": "chunked", "growth": "relora"} in combos
-    assert len(combos) == 3 * 2 * 2 + 1  # every scratch preset with anything; hf with full, full_rank only
+    assert len(combos) == 3 * 2 * 2 + 2  # every scratch preset with anything; hf with the full loss only
 
 
 def test_a_llama_style_hf_base_provides_plain_logits(tmp_path):

@@ -129,8 +129,10 @@ CASES = [
     Case("chunked-loss-needs-plain-logits", ["train", *R, "--set", "model.base={tmp}/hf", "--set", "train.loss=chunked"],
          ("invalid combination of modules", "`train.loss`", "'chunked' needs `plain_logits`", "model.base=scratch"),
          inputs={"hf/config.json": '{"model_type": "gemma2"}'}),
-    Case("relora-needs-a-scratch-model", ["train", *R, "--set", "model.base={tmp}/hf", "--set", "train.relora_every=5"],
-         ("`train.relora_every`", "'relora' needs `scratch_model`"), inputs={"hf/config.json": '{"model_type": "llama"}'}),
+    Case("relora-on-a-quantised-base", ["train", *R, "--force", "--set", "model.base={tmp}/hf", "--set",
+                                        "train.relora_every=5"],
+         ("train.relora_every", "quantised", "bitsandbytes", "unquantised"),
+         inputs={"hf/config.json": '{"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}'}),
     Case("unknown-module", ["modules", "show", "comunity"], ("unknown module 'comunity'", "Did you mean 'community'"),
          start="new"),
     # nucleus sweep's options
@@ -175,6 +177,11 @@ CASES = [
                          ("refresh", "0"), ("refresh", "1.5"), ("prefix_tokens", "1"), ("vector_lr", "-1"),
                          ("vector_anchor", "-1"), ("update_blocks", "1"), ("temperature", "0"), ("bandit_lr", "0"),
                          ("bandit_explore", "0"), ("forget_weight", "-1"))],
+    # tethers during training
+    *[Case(f"tethers-{key.replace('_', '-')}-{value}", ["train", *R, "-n", "{other}", "--set", "tethers.during=true",
+                                                        "--set", f"tethers.{key}={value}"], (f"`tethers.{key}`", value))
+      for key, value in (("threshold", "1.5"), ("threshold", "-2"), ("window", "1"), ("loss_delta", "-0.1"),
+                         ("loss_delta", "1"), ("grad_norm", "-1"), ("max_merges_per_epoch", "0"), ("formula", "mean"))],
     Case("set-without-equals", ["index", *R, "--set", "graph.k"], ("--set", "graph.k")),
     Case("config-file-missing", ["index", *R, "--config", "{tmp}/nope.yaml"], ("nope.yaml",)),
     Case("config-file-bad-yaml", ["index", *R, "--config", "{tmp}/bad.yaml"], ("bad.yaml", "not valid YAML"),

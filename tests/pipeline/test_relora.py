@@ -104,3 +104,32 @@ def test_nucleus_train_with_relora_saves_a_plain_model(small_run_copy):
 
     out = json.loads(r.stdout)
     assert out["metrics"]["heldout/ppl"] < out["metrics_before"]["heldout/ppl"]  # it learned
+
+
+def test_relora_trains_a_pretrained_base_in_full_and_saves_a_plain_model(small_run_copy, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from pipeline import nucleate, train
+    from pipeline.config import resolve_config
+    from pipeline.model import train_tokenizer
+    from pipeline.workspace import Workspace
+    from tests.conftest import TRAIN_SETS
+
+    base = tmp_path / "hf-base"
+    tok = train_tokenizer(["a small corpus of words to learn merges from"] * 50, 300)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(base)
+    tok.save_pretrained(base)
+    ws = Workspace(small_run_copy)
+    cfg = resolve_config(ws.stored_config(), None, [*TRAIN_SETS, f"model.base={base}", "train.nucleus_steps=12",
+                                                    "train.relora_every=5", "train.relora_rank=2"])
+    nucleate.run(cfg, ws)
+    result = train.run(cfg, ws)
+    assert result.kind == "full" and not (small_run_copy / "adapters" / "nucleus").exists()
+    trained = AutoModelForCausalLM.from_pretrained(small_run_copy / "model" / "base", local_files_only=True)
+    original = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    assert type(trained).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in trained.named_parameters())
+    w, w0 = dict(trained.named_parameters()), dict(original.named_parameters())
+    # the merges moved the linear layers' own weights (full rank through low-rank cycles)
+    assert not torch.equal(w["model.layers.0.mlp.up_proj.weight"], w0["model.layers.0.mlp.up_proj.weight"])
