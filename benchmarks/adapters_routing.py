@@ -105,6 +105,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="scratch folder for adapters (default: a temp dir)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: WikiText-2 valid, few articles, tiny model")
+    p.add_argument("--tether-thresholds", type=float, nargs="*", default=[],
+                   help="with --shared-rank: also train jointly with tethers during training at each of these "
+                        "thresholds (curriculum/plateau_tethers.py), and merge the untethered adapters after "
+                        "training (`adapters merge`, down to half as many)")
+    p.add_argument("--skip-controls", action="store_true",
+                   help="train neither the union adapter nor the random split (their numbers are NaN): "
+                        "for the tethers comparison, which needs only the routed adapters")
+    p.add_argument("--tether-window", type=int, default=6)
+    p.add_argument("--tether-loss-delta", type=float, default=0.01)
+    p.add_argument("--tether-max-merges", type=int, default=8, help="layer merges per epoch")
+    p.add_argument("--tether-formula", default="svd", choices=["svd", "factors"])
     args = p.parse_args()
     if args.tiny:
         args.data = args.data if args.data != DEFAULT_DATA else DEFAULT_DATA.with_name("valid.txt")
@@ -173,26 +184,32 @@ def blocks_for(tokenizer, texts: list[str], groups: list[int], block_size: int) 
 
 
 def train_model(model, blocks: Blocks, steps: int, lr: float, args, seed: int, desc: str,
-                make_batches=None, on_batch=None) -> int:
+                make_batches=None, on_batch=None, tethers=None) -> int:
     """Tokens seen training `model` (uniform batches unless `make_batches` makes the stream)."""
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    # tethers read the logged losses: log every 10 steps as the product does
     settings = FitSettings(steps=steps, lr=lr, batch_size=args.batch_size, warmup_steps=min(20, steps // 10),
-                           eval_every=10**9, checkpoint_every=10**9, log_every=max(1, steps // 5),
-                           autocast_dtype=autocast)
+                           eval_every=10**9, checkpoint_every=10**9,
+                           log_every=10 if tethers is not None else max(1, steps // 5), autocast_dtype=autocast)
     torch.manual_seed(seed)
     make_batches = make_batches or (lambda: iter(make_sampler("uniform", blocks.topics, args.batch_size, seed=seed)))
-    result = fit(model.to(device), blocks, make_batches, settings, device, on_batch=on_batch, desc=desc)
+    result = fit(model.to(device), blocks, make_batches, settings, device, on_batch=on_batch, tethers=tethers,
+                 desc=desc)
     return result.tokens
 
 
-def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: int, out: Path) -> tuple[int, int]:
-    """(tokens, trainable parameters) of a shared adapter + one expert per group trained jointly
-    (batches from one group at a time, in proportion to the groups' blocks); each group's
-    adapter is exported to `out/nb<g>` as one stock peft adapter."""
+def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: int, out: Path,
+                tether_threshold: float | None = None) -> tuple[int, int, dict | None]:
+    """(tokens, trainable parameters, tethers' summary) of a shared adapter + one expert per
+    group trained jointly (batches from one group at a time, in proportion to the groups'
+    blocks); each group's adapter is exported to `out/nb<g>` as one stock peft adapter. With a
+    `tether_threshold`, tethers act during the training (experts tie at plateaus) and a tied
+    group's adapters are exported from its one expert."""
     from transformers import AutoModelForCausalLM
 
     from curriculum.joint import GroupBatches, activate, add_joint_lora, export_expert, trainable_parameters
+    from curriculum.plateau_tethers import JointTethers, TetherSettings, summary
 
     names = [f"nb{g}" for g in range(len(groups))]
     blocks = Blocks(torch.cat([b.tokens for b in groups]), torch.cat([b.mask for b in groups]),
@@ -200,12 +217,26 @@ def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: in
     model = add_joint_lora(AutoModelForCausalLM.from_pretrained(base_dir), names, args.shared_rank, args.rank,
                            args.alpha / args.rank, seed=seed)
     params = trainable_parameters(model)
+    tethers, on_batch = None, (lambda idx: activate(model, names[int(blocks.topics[idx[0]])]))
+    if tether_threshold is not None:
+        share = (np.bincount(blocks.topics, minlength=len(groups)) / len(blocks)).tolist()
+        tethers = JointTethers(model.to(args.device), names, names, share,
+                               TetherSettings(window=args.tether_window, loss_delta=args.tether_loss_delta,
+                                              threshold=tether_threshold, max_merges_per_epoch=args.tether_max_merges,
+                                              formula=args.tether_formula),
+                               steps_per_epoch=math.ceil(len(blocks) / args.batch_size))
+        on_batch = lambda idx: tethers.activate(int(blocks.topics[idx[0]]))  # noqa: E731
     tokens = train_model(model, blocks, steps, args.lora_lr, args, seed, out.name,
                          make_batches=lambda: GroupBatches(blocks.topics, args.batch_size, seed=seed),
-                         on_batch=lambda idx: activate(model, names[int(blocks.topics[idx[0]])]))
-    for name in names:
-        export_expert(model, name, out / name)
-    return tokens, params
+                         on_batch=on_batch, tethers=tethers)
+    for g, name in enumerate(names):
+        expert_at = {layer: names[owners[g]] for layer, owners in tethers.owner.items()} if tethers else None
+        export_expert(model, name, out / name, expert_at)
+    if tethers is None:
+        return tokens, params, None
+    checks = [e["compat"] for e in tethers.events if e["b"]]
+    return tokens, params, {**summary(tethers), "served_count": len(tethers.served()),
+                            "compat_seen": [min(checks), float(np.median(checks)), max(checks)] if checks else []}
 
 
 def train_adapter(base_dir: Path, blocks: Blocks, steps: int, rank: int, alpha: float, args, seed: int,
@@ -256,22 +287,27 @@ def run_seed(seed: int, args, data: dict, work: Path) -> dict:
     params = {"routed": 0, "random": 0, "union": 0}
     nb_blocks = [blocks(rows) for rows in nb_rows]  # tokenized once: they size the steps and train routed
     steps = [max(1, math.ceil(args.epochs * len(b) / args.batch_size)) for b in nb_blocks]
-    for arm, rows_of in (("routed", nb_rows), ("random", random_rows)):
+    controls = not args.skip_controls
+    for arm, rows_of in (("routed", nb_rows), ("random", random_rows))[: 2 if controls else 1]:
         out = work / f"seed{seed}" / arm
         arms[arm] = {f"nb{g}": (out / f"nb{g}", rows_of[g]) for g in range(n)}
         groups = nb_blocks if arm == "routed" else [blocks(r) for r in rows_of]
         if args.shared_rank:  # one joint training: the shared adapter sees every group's tokens
-            tokens[arm], params[arm] = train_joint(base_dir, groups, sum(steps), args, seed, out)
+            tokens[arm], params[arm], _ = train_joint(base_dir, groups, sum(steps), args, seed, out)
             continue
         for g in range(n):  # one adapter per group, trained apart
             t, p = train_adapter(base_dir, groups[g], steps[g], args.rank, args.alpha, args, seed + g, out / f"nb{g}")
             tokens[arm] += t
             params[arm] += p
+        print(f"seed {seed}: {arm} trained ({time.perf_counter() - t0:.0f} s)", flush=True)
     union_dir = work / f"seed{seed}" / "union" / "all"
     union_rank = args.shared_rank + n * args.rank
     union_scale = args.union_scale or args.alpha / args.rank
-    tokens["union"], params["union"] = train_adapter(base_dir, blocks(union_rows), sum(steps), union_rank,
-                                                     union_rank * union_scale, args, seed, union_dir)
+    if controls:
+        tokens["union"], params["union"] = train_adapter(base_dir, blocks(union_rows), sum(steps), union_rank,
+                                                         union_rank * union_scale, args, seed, union_dir)
+    else:  # --skip-controls: the routed arm alone (tethers compare against it)
+        tokens, params = {"routed": tokens["routed"]}, {"routed": params["routed"]}
     if len(set(params.values())) != 1:
         raise SystemExit(f"adapter parameters differ between arms: {params}")
     if max(tokens.values()) > 1.01 * min(tokens.values()):
@@ -287,12 +323,9 @@ def run_seed(seed: int, args, data: dict, work: Path) -> dict:
     res: dict = {"seed": seed, "tokens": tokens, "adapter_params": params, "steps": steps, "base_tokens": base_tokens,
                  "eval_passages": len(eval_rows)}
 
-    def adapter_set(arm: str) -> AdapterSet:
-        targets = [Target(name, path, data["vectors"][rows].mean(0)) for name, (path, rows) in arms[arm].items()]
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
-        return AdapterSet(model, tokenizer, targets, None, lru_size=2 * n + 2, device=args.device,
-                          block_size=args.block_size, batch_size=64,
-                          autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
+    def adapter_set(arm: str) -> AdapterSet:  # room for the merges made of its adapters
+        return _adapter_set(base_dir, tokenizer, args, [Target(name, path, data["vectors"][rows].mean(0))
+                                                        for name, (path, rows) in arms[arm].items()], 4 * n + 4)
 
     aset = adapter_set("routed")
     aset.add_merged("merged-mean", list(arms["routed"]), [1.0 / n] * n, "linear")
@@ -307,20 +340,89 @@ def run_seed(seed: int, args, data: dict, work: Path) -> dict:
                                                    for r, t in zip(title_routes, topics)]))
     res["ppl/merged_sum"] = _ppl(aset.score_routed(seqs, [[("merged-sum", 1.0)]] * len(seqs)))
     res["ppl/merged_mean"] = res.pop("ppl/merged_all")
-    rset = adapter_set("random")
-    res["ppl/random"] = _ppl(rset.score_routed(seqs, rset.route(eval_texts, vectors=vectors)))
-    res["ppl/random_title"] = _ppl(rset.score_routed(seqs, rset.route(eval_texts, vectors=title_vectors)))
-    uset = AdapterSet(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer,
-                      [Target("union", union_dir, np.ones(vectors.shape[1], dtype=np.float32))], None,
-                      device=args.device, block_size=args.block_size, batch_size=64,
-                      autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
-    res["ppl/union"] = _ppl(uset.score_routed(seqs, [[("union", 1.0)]] * len(seqs)))
+    print(f"seed {seed}: routed evaluated ({time.perf_counter() - t0:.0f} s)", flush=True)
+    nan = float("nan")
+    res["ppl/random"] = res["ppl/random_title"] = res["ppl/union"] = nan
+    if controls:
+        rset = adapter_set("random")
+        res["ppl/random"] = _ppl(rset.score_routed(seqs, rset.route(eval_texts, vectors=vectors)))
+        res["ppl/random_title"] = _ppl(rset.score_routed(seqs, rset.route(eval_texts, vectors=title_vectors)))
+        uset = AdapterSet(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer,
+                          [Target("union", union_dir, np.ones(vectors.shape[1], dtype=np.float32))], None,
+                          device=args.device, block_size=args.block_size, batch_size=64,
+                          autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
+        res["ppl/union"] = _ppl(uset.score_routed(seqs, [[("union", 1.0)]] * len(seqs)))
+    if args.tether_thresholds:
+        res["tethers"] = tether_arms(args, seed, data, work, base_dir, nb_blocks, sum(steps), tokens["routed"],
+                                     aset, arms["routed"], seqs, vectors)
     res["gain"] = 1 - res["ppl/routed"] / res["ppl/union"]
     res["gain_title"] = 1 - res["ppl/routed_title"] / res["ppl/union"]
     res["control_recovery"] = ((res["ppl/union"] - res["ppl/random"]) / (res["ppl/union"] - res["ppl/routed"])
                                if res["ppl/union"] != res["ppl/routed"] else float("nan"))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_blocks: list[Blocks], steps: int,
+                routed_tokens: int, aset: AdapterSet, routed: dict, seqs, vectors) -> dict:
+    """Tethers during training (one joint training per threshold, the same data, steps and seed
+    as `routed`) against merging the routed adapters after training (`nucleus adapters merge`:
+    complete-linkage groups at the product's default threshold 0.5, and at the highest threshold
+    that leaves at most half as many adapters), against never merging (`routed` itself).
+    Each arm: routed held-out perplexity and the adapters it serves."""
+    from curriculum.tethers import compat_matrix, merge_groups, read_lora
+
+    names, n = list(routed), len(routed)
+    out: dict = {"never": {"ppl": _ppl(aset.score_routed(seqs, aset.route([], vectors=vectors))), "served": n}}
+
+    # after: merge groups of the routed adapters, routed among merges and the rest
+    matrix, _ = compat_matrix([read_lora(routed[nm][0], nm) for nm in names])
+    pairs = sorted({float(matrix[i, j]) for i in range(n) for j in range(i + 1, n)}, reverse=True)
+
+    def served(groups):
+        return n - sum(len(g) - 1 for g in groups)
+
+    half = next((t for t in pairs if served(merge_groups(names, matrix, t)) <= n // 2), pairs[-1])
+    for label, threshold in (("after@0.5", 0.5), ("after@half", half)):
+        groups = merge_groups(names, matrix, threshold)
+        targets = [nm for nm in names if not any(nm in g for g in groups)]
+        for i, g in enumerate(groups):
+            gid = f"{label.replace('@', '-').replace('.', '_')}-{i}"  # peft adapter names take no dots
+            rows = [r for nm in g for r in routed[nm][1]]
+            aset.add_merged(gid, g, [1.0 / len(g)] * len(g), "linear", centroid=data["vectors"][rows].mean(0))
+            targets.append(gid)
+        aset.set_targets(targets)
+        out[label] = {"ppl": _ppl(aset.score_routed(seqs, aset.route([], vectors=vectors))), "served": len(targets),
+                      "threshold": threshold, "groups": groups}
+    aset.set_targets(names)
+
+    # during: tethers tie experts at plateaus while they train
+    for threshold in args.tether_thresholds:
+        label = f"during@{threshold:g}"
+        out_dir = work / f"seed{seed}" / label
+        t0 = time.perf_counter()
+        tokens, _, summary = train_joint(base_dir, nb_blocks, steps, args, seed, out_dir, tether_threshold=threshold)
+        if tokens != routed_tokens:
+            raise SystemExit(f"{label}: {tokens} training tokens, routed had {routed_tokens}")
+        tset = _adapter_set(base_dir, data["tokenizer"], args,
+                            [Target(nm, out_dir / nm, data["vectors"][routed[nm][1]].mean(0)) for nm in names])
+        out[label] = {"ppl": _ppl(tset.score_routed(seqs, tset.route([], vectors=vectors))),
+                      "served": summary["served_count"], "merges": summary["merges"], "checks": summary["checks"],
+                      "served_groups": summary["served"], "compat_seen": summary["compat_seen"],
+                      "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"seed {seed}: {label}: {out[label]['served']} served, ppl {out[label]['ppl']:.2f} "
+              f"({out[label]['seconds']:.0f} s)", flush=True)
+    for label, arm in out.items():
+        arm["vs_never"] = arm["ppl"] / out["never"]["ppl"] - 1
+    return out
+
+
+def _adapter_set(base_dir: Path, tokenizer, args, targets: list[Target], lru_size: int | None = None) -> AdapterSet:
+    from transformers import AutoModelForCausalLM
+
+    return AdapterSet(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer, targets, None,
+                      lru_size=lru_size or len(targets) + 2, device=args.device, block_size=args.block_size, batch_size=64,
+                      autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
 
 
 def _ppl(scored) -> float:

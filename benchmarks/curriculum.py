@@ -25,7 +25,12 @@ traversal on a graph rebuilt from the model being trained (`curriculum.manifold`
 for layer N), `space=learned` (block vectors from the bundle's block embeddings, moved by
 gradient alignment), `traversal=walk|aligned|bandit` (`aligned` reads the bundle's validation
 split as its probe), and `clusters`, `k`, `community_k`, `rebuild`, `refresh`, `prefix` as the
-`manifold` config section names them; its rebuilds are the arm's overhead. Every arm of a seed gets the same model initialisation, blocks (full 256-token
+`manifold` config section names them; its rebuilds are the arm's overhead. Any arm may also
+grow its model another way (`pipeline/relora.py`): `growth=relora,rank=64,every=100` (ReLoRA:
+a LoRA plus embeddings and norms, merged into the weights and restarted every `every` steps, the
+learning rate re-warmed) or `growth=lora,rank=64` (the same LoRA, never merged); each row then
+records tokens/s, peak GPU memory and the optimizer's state, and `--model-size base` trains
+another preset on the same bundle. Every arm of a seed gets the same model initialisation, blocks (full 256-token
 blocks, each from one topic, so that tokens = steps x batch x block size exactly), optimizer,
 learning-rate schedule and evaluation points, through the product's training loop
 (`pipeline.trainer.fit`); `run` checks that and stops loudly if any of it differs.
@@ -77,6 +82,12 @@ MANIFOLD_PARAMS = {"space", "traversal", "layers", "clusters", "k", "community_k
 PROBE_MAX_BLOCKS = 128  # the manifold's probe: validation tokens packed into at most this many blocks
 GRAPH_PARAMS = {"graph", "graph_k", "graph_p"}  # another topic graph than the bundle's, built from its centroids
 PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and learning progress
+# How any arm's model trains (pipeline/relora.py): `full` (full rank, the default), `relora` (a LoRA
+# of rank `rank` plus embeddings and norms, merged into the weights and restarted every `every`
+# steps), `lora` (the same LoRA never merged: the control that shows what the merges add).
+GROWTH = ("full", "relora", "lora")
+GROWTH_PARAMS = {"growth", "rank", "every"}
+RELORA_WARMUP = 20  # FitSettings' default re-warm-up after each merge
 
 
 # ------------------------------------------------------------------------------ prepare
@@ -245,10 +256,13 @@ def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:
-    return parse_spec(spec, ARMS, {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size",
-                                               "expanding", "weighting", *GRAPH_PARAMS},
-                                   "community": {"k", *GRAPH_PARAMS}, "skillit": GRAPH_PARAMS,
-                                   "manifold": MANIFOLD_PARAMS})
+    own = {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size", "expanding", "weighting",
+                       *GRAPH_PARAMS},
+           "community": {"k", *GRAPH_PARAMS}, "skillit": GRAPH_PARAMS, "manifold": MANIFOLD_PARAMS}
+    name, params = parse_spec(spec, ARMS, {arm: own.get(arm, set()) | GROWTH_PARAMS for arm in ARMS})
+    if params.get("growth", "full") not in GROWTH:
+        raise SystemExit(f"arm '{spec}': growth must be one of {', '.join(GROWTH)}")
+    return name, params
 
 
 def topic_graph(info: dict, centroids: np.ndarray, params: dict):
@@ -346,15 +360,23 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
     name, params = parse_arm(spec)
     b = Bundle.load(bundle_dir)
     info = b.info
-    if settings.block_size != info["block_size"] or settings.model_size != info["model_size"]:
-        raise SystemExit("block size and model size come from the bundle")
+    if settings.block_size != info["block_size"]:
+        raise SystemExit("the block size comes from the bundle")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    model = build_scratch_model(b.tokenizer, info["model_size"], seed=seed).to(device)
+    model = build_scratch_model(b.tokenizer, settings.model_size, seed=seed)
+    growth = str(params.get("growth", "full"))
+    if growth != "full":
+        from pipeline import relora
+
+        model = relora.wrap(model, int(params.get("rank", 64)), seed)
+    model = model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     s = settings
     fs = FitSettings(steps=s.steps, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps,
                      eval_every=s.eval_every, checkpoint_every=s.steps + 1, log_every=s.eval_every,
-                     autocast_dtype=autocast)
+                     autocast_dtype=autocast, relora_warmup=RELORA_WARMUP,
+                     relora_every=int(params.get("every", 100)) if growth == "relora" else None)
     adjacency = {int(t): ns for t, ns in info["adjacency"].items()}
     centrality = np.asarray(info["centrality"])
     graph = topic_graph(info, b.centroids, params)
@@ -409,7 +431,10 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
 
     curve = [{"step": 0, "tokens": 0, "lr": 0.0, **evaluate_fn(model)}]
     eval_s[0] = 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     result = fit(model, b.blocks, new_sampler, fs, device, evaluate=evaluate_fn, log=log, desc=spec)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     for step in sorted(logged):
         row = logged[step]
         if "ppl" in row:
@@ -427,7 +452,10 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "steps": result.steps, "tokens": result.tokens, "curve": curve, **val,
         "train_s": round(result.seconds - eval_s[0] - overhead, 2), "eval_s": round(eval_s[0], 2),
-        "overhead_s": round(overhead, 2),
+        "overhead_s": round(overhead, 2), "growth": growth, "trainable_params": trainable,
+        "optimizer_state_mb": round(trainable * 8 / 2**20, 1),  # AdamW: two fp32 moments per trainable weight
+        "peak_mem_mb": round(peak_mb, 1),
+        "tokens_per_s": round(result.tokens / max(result.seconds - eval_s[0] - overhead, 1e-9), 1),
         "prep_s": (prep["index"] if name in NEEDS_TOPICS else 0.0) + (prep["nucleate"] if name == "nucleus" else 0.0),
         "phases": sampler.summary() if hasattr(sampler, "summary") else None,
         "mixture": sampler.mixture().tolist() if hasattr(sampler, "mixture") else None,
@@ -448,7 +476,7 @@ def check_fair(rows: list[dict]) -> None:
         def signature(r: dict) -> dict:
             return {"settings": r["settings"], "steps": r["steps"], "tokens": r["tokens"],
                     "eval steps": [p["step"] for p in r["curve"]], "eval tokens": [p["tokens"] for p in r["curve"]],
-                    "learning rates": [round(p["lr"], 12) for p in r["curve"]]}
+                    "learning rates": [round(p["lr"] / _jagged(r, p["step"]), 12) for p in r["curve"]]}
 
         for r in mine[1:]:
             for key, value in signature(r).items():
@@ -456,6 +484,16 @@ def check_fair(rows: list[dict]) -> None:
                     problems.append(f"seed {seed}: arm '{r['arm']}' differs from '{ref['arm']}' in {key}")
     if problems:
         raise SystemExit("unfair comparison, refusing to report:\n  " + "\n  ".join(problems))
+
+
+def _jagged(row: dict, step: int) -> float:
+    """ReLoRA's re-warm-up factor on the shared schedule at `step` (1 for the other arms): the
+    schedule check compares the schedule beneath it."""
+    if row.get("growth") != "relora" or step == 0:
+        return 1.0
+    from pipeline import relora
+
+    return relora.jagged(step, int(row["params"].get("every", 100)), RELORA_WARMUP)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -479,6 +517,8 @@ def main() -> None:
     r.add_argument("--lr", type=float, help="default: the bundle's train.lr")
     r.add_argument("--warmup-steps", type=int, help="default: the bundle's train.warmup_steps")
     r.add_argument("--eval-batch-size", type=int, help="default: the bundle's train.eval_batch_size")
+    r.add_argument("--model-size", help="a scratch preset (default: the bundle's model.size); the tokenizer and "
+                                        "blocks stay the bundle's")
     r.add_argument("--jobs", type=int, help="processes at once (default: one seed's arms side by side)")
     r.add_argument("--work", type=Path, default=Path("/tmp/bench-curriculum"))
     r.add_argument("--json-out", type=Path)
@@ -504,7 +544,7 @@ def main() -> None:
         info = json.loads((a.bundle / "bundle.json").read_text())
         settings = Settings(a.steps, a.batch_size or info["batch_size"], a.lr or info["lr"],
                             info["warmup_steps"] if a.warmup_steps is None else a.warmup_steps,
-                            a.eval_every, info["block_size"], info["model_size"],
+                            a.eval_every, info["block_size"], a.model_size or info["model_size"],
                             a.eval_batch_size or info["eval_batch_size"])
         t0 = time.perf_counter()
         out = {(s, spec): a.work / f"s{s}-{spec.replace(':', '_').replace(',', '_')}.json"

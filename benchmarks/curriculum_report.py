@@ -84,7 +84,11 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
                           ("train_s", lambda r: r["train_s"]),
                           ("overhead_s", lambda r: r["overhead_s"]),
                           ("prep_s", lambda r: r["prep_s"]),
-                          ("wall_s", lambda r: r["train_s"] + r["overhead_s"] + r["prep_s"])):
+                          ("wall_s", lambda r: r["train_s"] + r["overhead_s"] + r["prep_s"]),
+                          # how the model grew (`growth=`): speed, memory, optimizer state
+                          ("tokens_per_s", lambda r: r.get("tokens_per_s", float("nan"))),
+                          ("peak_mem_mb", lambda r: r.get("peak_mem_mb", float("nan"))),
+                          ("optimizer_state_mb", lambda r: r.get("optimizer_state_mb", float("nan")))):
             entry[name] = _stats([get(r) for r in mine])
         for name, table in (("R", r_ppl), ("R_macro", r_macro)):
             values = [table[(r["seed"], arm)] for r in mine]
