@@ -57,6 +57,25 @@ def test_unfair_arms_are_refused_loudly():
         bench.check_fair([row("uniform"), row("nucleus", curve=other_lr)])
 
 
+def test_relora_arms_pass_the_fairness_check_through_their_re_warmed_schedule():
+    from pipeline import relora
+
+    def row(arm, growth, lrs):
+        curve = [{"step": st, "tokens": st * 10, "ppl": 9.0, "macro_ppl": 9.0, "worst_ppl": 9.0, "lr": lr}
+                 for st, lr in zip((0, 10, 20, 30), lrs)]
+        return {"seed": 0, "arm": arm, "settings": {}, "steps": 30, "tokens": 300, "curve": curve, "growth": growth,
+                "params": {"every": 20} if growth == "relora" else {}}
+
+    base = [0.0, 1e-3, 8e-4, 5e-4]
+    jagged = [lr * relora.jagged(st, 20, bench.RELORA_WARMUP) for st, lr in zip((0, 10, 20, 30), base)]
+    assert jagged[2] < base[2]  # step 20 re-warms
+    bench.check_fair([row("uniform", "full", base), row("uniform:growth=relora", "relora", jagged)])
+    with pytest.raises(SystemExit, match="learning rates"):  # a full-rank arm with that schedule is unfair
+        bench.check_fair([row("uniform", "full", base), row("odm", "full", jagged)])
+    with pytest.raises(SystemExit, match="growth must be one of"):
+        bench.parse_arm("uniform:growth=dora")
+
+
 def test_arm_specs_are_checked():
     assert bench.parse_arm("nucleus:replay=0.5,policy=nearest") == ("nucleus", {"replay": 0.5, "policy": "nearest"})
     with pytest.raises(SystemExit, match="unknown arm 'unifrom'"):
@@ -94,7 +113,8 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
                     "--config", str(REPO / "configs" / "default.yaml"), *sets], check=True, cwd=REPO, timeout=600)
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["prep_s"]["index"] > 0 and info["blocks"] > 100 and info["nucleus"]
-    arms = [*bench.ARMS, "nucleus:replay=0.5,coverage=1"]
+    arms = [*bench.ARMS, "nucleus:replay=0.5,coverage=1", "uniform:growth=relora,rank=4,every=8",
+            "nucleus:growth=lora,rank=4"]
     out = subprocess.run([sys.executable, script, "run", "--bundle", str(bundle), "--seeds", "0", "--steps", "30",
                           "--eval-every", "10", "--jobs", "2", "--work", str(tmp_path / "work"),
                           "--json-out", str(tmp_path / "out.json"), "--plot", str(tmp_path / "curves.png"),
@@ -113,6 +133,10 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     assert rows["nucleus"]["overhead_s"] > 0 and rows["nucleus"]["prep_s"] >= rows["odm"]["prep_s"] > 0
     assert rows["uniform"]["prep_s"] == 0
     assert sum(rows["odm"]["mixture"]) == pytest.approx(1.0)
+    # the ReLoRA and LoRA arms train fewer weights than full rank, and say so
+    relora, full = rows["uniform:growth=relora,rank=4,every=8"], rows["uniform"]
+    assert relora["growth"] == "relora" and relora["trainable_params"] < full["trainable_params"]
+    assert relora["optimizer_state_mb"] < full["optimizer_state_mb"] and relora["tokens_per_s"] > 0
     # the report reads the JSON on its own
     alone = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curriculum_report.py"),
                             str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
