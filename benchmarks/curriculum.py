@@ -16,7 +16,9 @@ policy, neighbours joined to each chosen topic, the N most central topics as the
 the nucleated one), `nucleus:expanding=0` (each phase draws `1 - replay` of its blocks from the new
 neighbourhood; the default, `expanding=1`, draws uniformly over everything explored so far: an
 expanding window, which RESULTS.md section 8 found better), `nucleus:weighting=stratified` (every
-stretch draws its topics equally instead of in proportion to their sizes), `community:k=3`, and
+stretch draws its topics equally instead of in proportion to their sizes), `nucleus:weighting=manifold`
+(each stretch's batches from the manifold sampler restricted to its blocks; with the `manifold`
+arm's parameters but `k`), `community:k=3`, and
 for the arms that read the topic graph (`nucleus`, `community`, `skillit`) another graph built
 from the bundle's centroids by the product's builder: `graph=knn,graph_k=10` or
 `graph=erdos_renyi,graph_p=0.1`. `skillit` is Skill-It (`curriculum.samplers.SkillItSampler`). `manifold` is community
@@ -256,8 +258,10 @@ def parse_spec(spec: str, arms: tuple[str, ...], allowed: dict[str, set[str]]) -
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:
+    # nucleus:weighting=manifold orders each stretch with the manifold sampler, which takes the
+    # manifold's parameters but `k` (the nucleus arm's own k joins topics to a neighbourhood)
     own = {"nucleus": {"replay", "coverage", "policy", "k", "beta", "nucleus_size", "expanding", "weighting",
-                       *GRAPH_PARAMS},
+                       *GRAPH_PARAMS, *(MANIFOLD_PARAMS - {"k"})},
            "community": {"k", *GRAPH_PARAMS}, "skillit": GRAPH_PARAMS, "manifold": MANIFOLD_PARAMS}
     name, params = parse_spec(spec, ARMS, {arm: own.get(arm, set()) | GROWTH_PARAMS for arm in ARMS})
     if params.get("growth", "full") not in GROWTH:
@@ -395,12 +399,19 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
             nucleus = info["nucleus"]
             if "nucleus_size" in params:  # the N most central topics (PageRank), as nucleate's default picks
                 nucleus = np.argsort(-centrality)[: int(params["nucleus_size"])].tolist()
+            weighting = str(params.get("weighting", "natural"))
+            manifold = None
+            if weighting == "manifold":
+                mparams = {k: v for k, v in params.items() if k in MANIFOLD_PARAMS}
+                manifold = make_sampler("manifold", b.blocks.topics, s.batch_size, seed=seed,
+                                        manifold=manifold_context(mparams, model, b.block_vectors,
+                                                                  lambda: b.probe(s.block_size)))
             sampler = CuriosityCurriculum(
                 b.blocks.topics, s.batch_size, s.steps, nucleus, topic_info, policy,
                 _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
                 block_size=s.block_size, expanding=bool(params.get("expanding", 1)),
-                weighting=str(params.get("weighting", "natural")), seed=seed)
+                weighting=weighting, manifold=manifold, seed=seed)
         elif name == "manifold":
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed,
                                    manifold=manifold_context(params, model, b.block_vectors,

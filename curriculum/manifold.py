@@ -296,6 +296,7 @@ class ManifoldSampler(BatchStream):
         # Only the bandit learns from the training loss; without `observe` the training loop
         # does not copy the per-block losses to the host at every step (a wait for the GPU).
         self.observe = self._observe if settings.traversal == "bandit" else None
+        self.allowed: np.ndarray | None = None  # `restrict`: the blocks batches may come from (None = all)
 
     # -- wiring
 
@@ -310,6 +311,25 @@ class ManifoldSampler(BatchStream):
         probe = None if self.probe is None else (self.probe[0].to(tokens.device), self.probe[1].to(tokens.device))
         self.attach(*make_features(model, tokens, mask, self.s.layers, self.s.prefix_tokens, self.seed,
                                    autocast_dtype, probe=probe))
+
+    def restrict(self, blocks: np.ndarray | None) -> None:
+        """Draw only from `blocks` (None = every block) while the graph stays built over all of
+        them: the sequential curriculum (curriculum/sequential.py) opens the corpus stretch by
+        stretch and the manifold orders the batches within what is open."""
+        if blocks is None:
+            self.allowed = None
+            return
+        allowed = np.zeros(self.n_blocks, dtype=bool)
+        allowed[np.asarray(blocks, dtype=np.int64)] = True
+        if not allowed.any():
+            raise ValueError("restrict() needs at least one block")
+        self.allowed = allowed
+        self._root = None  # a fresh start inside the open blocks
+
+    def _open(self, graph: ClusterGraph) -> np.ndarray:
+        """Per cluster of `graph`: whether it holds a block batches may come from."""
+        labels = graph.labels if self.allowed is None else graph.labels[self.allowed]
+        return np.bincount(labels, minlength=len(graph.centroids))[: len(graph.centroids)] > 0
 
     # -- building
 
@@ -396,11 +416,13 @@ class ManifoldSampler(BatchStream):
     # -- drawing
 
     def _active(self) -> np.ndarray:
-        return np.bincount(self.graphs[0].labels, minlength=self.s.clusters)[: self.s.clusters] > 0
+        """Per bandit arm (one per cluster of the first graph): whether it can be drawn."""
+        open_ = self._open(self.graphs[0])[: self.s.clusters]
+        return np.concatenate([open_, np.zeros(self.s.clusters - len(open_), dtype=bool)])
 
     def _move_root(self, graph: ClusterGraph) -> tuple[int, float]:
         s, rng = self.s, self._rng
-        active = np.bincount(graph.labels, minlength=len(graph.centroids)) > 0
+        active = self._open(graph)
         if s.traversal == "bandit":
             p = self.bandit.policy(self._active())
             arm = int(rng.choice(len(p), p=p))
@@ -429,6 +451,8 @@ class ManifoldSampler(BatchStream):
         nbrs = graph.neighbours[root]
         picked = nbrs[self._rng.permutation(len(nbrs))[: self.s.community_k]]
         members = np.concatenate([graph.members[int(c)] for c in (root, *picked)])
+        if self.allowed is not None:
+            members = members[self.allowed[members]]  # the root holds some: it is open
         batch = members[self._rng.choice(len(members), self.batch_size, replace=len(members) < self.batch_size)]
         self.batches_drawn += 1
         self.path.append(root)

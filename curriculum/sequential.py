@@ -22,11 +22,15 @@ block sampler whose stream is a sequence of phases.
 Every stretch draws its topics in their natural proportions (`weighting="natural"`, uniform over
 their blocks) or equally (`"stratified"`, equal blocks per topic), the final stretch included:
 which simple mixture is best depends on the corpus, and the curriculum should be able to start
-from either.
+from either. With `weighting="manifold"` a stretch's batches come from the manifold sampler
+(curriculum/manifold.py) restricted to the stretch's blocks: the curriculum decides what is open,
+the manifold the order of communities within it (its graph spans every block and is rebuilt from
+the model as it trains; replay rows, with `expanding=False`, stay uniform).
 
 The sampler never sees the model: `loss_fn(topics)` returns the current model's loss on each
 topic's probe blocks, and is called only at phase boundaries. `phases` records the order taken
-and `overhead_s` the time spent choosing (the curiosity overhead).
+and `overhead_s` the time spent choosing (the curiosity overhead), plus the manifold's rebuilds
+when it orders the stretches.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class CuriosityCurriculum(BatchStream):
     def __init__(self, block_topics: np.ndarray, batch_size: int, total_batches: int, nucleus: list[int],
                  info: TopicInfo, policy, loss_fn: LossFn, *, coverage: float = 0.5, replay: float = 0.25,
                  k: int = 1, block_size: int = 1, expanding: bool = True, weighting: str = "natural",
-                 seed: int = 0) -> None:
+                 manifold=None, seed: int = 0) -> None:
         self.block_topics = np.asarray(block_topics, dtype=np.int64)
         present = set(np.unique(self.block_topics).tolist())
         if not 0.0 < coverage <= 1.0:
@@ -93,9 +97,17 @@ class CuriosityCurriculum(BatchStream):
         self.batch_size, self.total_batches = batch_size, total_batches
         self.info, self.policy, self.loss_fn = info, policy, loss_fn
         self.coverage, self.replay, self.k, self.block_size = coverage, replay, k, block_size
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
+        if weighting not in (*WEIGHTINGS, "manifold"):
+            raise ValueError(f"weighting must be one of {sorted((*WEIGHTINGS, 'manifold'))}, got {weighting!r}")
+        if (weighting == "manifold") != (manifold is not None):
+            raise ValueError("weighting 'manifold' takes a ManifoldSampler over the same blocks (manifold=), "
+                             "and only it does")
         self.expanding, self.weighting = expanding, weighting
+        self.manifold = manifold
+        if manifold is not None:  # the training loop binds the model and feeds the bandit through these
+            self.bind = manifold.bind
+            if manifold.observe is not None:
+                self.observe = manifold.observe
         self.seed = seed
         self.topics = sorted(present)
         self.sizes = np.bincount(self.block_topics, minlength=max(self.topics) + 1)
@@ -103,7 +115,7 @@ class CuriosityCurriculum(BatchStream):
         self.batches_drawn = 0
         self.phases: list[Phase] = []
         self.explored: list[int] = []
-        self.overhead_s = 0.0
+        self._choose_s = 0.0
         self._rng = np.random.default_rng([seed, 7])
         self._base_loss: dict[int, float] = {}
         self._pending: tuple[Phase, np.ndarray] | None = None  # (phase, its candidates' features row)
@@ -118,7 +130,7 @@ class CuriosityCurriculum(BatchStream):
         if self._left == 0:
             t0 = time.perf_counter()
             self._next_phase()
-            self.overhead_s += time.perf_counter() - t0
+            self._choose_s += time.perf_counter() - t0
         self._left -= 1
         self.batches_drawn += 1
         pool, it = self._new
@@ -139,8 +151,13 @@ class CuriosityCurriculum(BatchStream):
         self._n_old = int(round(self.replay * self.batch_size)) if len(old) else 0
         n_new = self.batch_size - self._n_old
         seed = self.seed * 1000 + len(self.phases)
-        draw = WEIGHTINGS[self.weighting]
-        self._new = (new, iter(draw(self.block_topics[new], n_new, seed=seed)))
+        draw = WEIGHTINGS.get(self.weighting, UniformSampler)
+        if self.manifold is not None:  # global block indices from the open blocks' communities
+            self.manifold.restrict(new)
+            self.manifold.batch_size = n_new
+            self._new = (np.arange(len(self.block_topics)), iter(self.manifold))
+        else:
+            self._new = (new, iter(draw(self.block_topics[new], n_new, seed=seed)))
         if self._n_old:
             self._old = (old, iter(draw(self.block_topics[old], self._n_old, seed=seed + 500)))
         self._left = phase.batches
@@ -211,3 +228,8 @@ class CuriosityCurriculum(BatchStream):
     def summary(self) -> list[dict]:
         """The phases as plain dicts (for a benchmark's JSON)."""
         return [asdict(p) for p in self.phases]
+
+    @property
+    def overhead_s(self) -> float:
+        """Seconds the curriculum spent on its own: choosing phases, and the manifold's rebuilds."""
+        return self._choose_s + (self.manifold.overhead_s if self.manifold is not None else 0.0)

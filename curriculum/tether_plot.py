@@ -25,7 +25,7 @@ def tether_figure(rows: list[dict], checks: list[dict], title: str = ""):
     if at:
         ax.scatter(p1[at], loss[at], p2[at], marker="x", s=90, color="tab:red", label="tether merge")
         ax.legend(fontsize=8)
-    fig.colorbar(points, ax=ax, shrink=0.6, label="epoch")
+    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.15, label="epoch")  # clear of the z label
     ax.set_xlabel("parameter 1 (first layer)")
     ax.set_ylabel("training loss")
     ax.set_zlabel("parameter 2 (last layer)")

@@ -114,7 +114,7 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["prep_s"]["index"] > 0 and info["blocks"] > 100 and info["nucleus"]
     arms = [*bench.ARMS, "nucleus:replay=0.5,coverage=1", "uniform:growth=relora,rank=4,every=8",
-            "nucleus:growth=lora,rank=4"]
+            "nucleus:growth=lora,rank=4", "nucleus:weighting=manifold,clusters=4,rebuild=10"]
     out = subprocess.run([sys.executable, script, "run", "--bundle", str(bundle), "--seeds", "0", "--steps", "30",
                           "--eval-every", "10", "--jobs", "2", "--work", str(tmp_path / "work"),
                           "--json-out", str(tmp_path / "out.json"), "--plot", str(tmp_path / "curves.png"),
@@ -133,6 +133,10 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     assert rows["nucleus"]["overhead_s"] > 0 and rows["nucleus"]["prep_s"] >= rows["odm"]["prep_s"] > 0
     assert rows["uniform"]["prep_s"] == 0
     assert sum(rows["odm"]["mixture"]) == pytest.approx(1.0)
+    # the nucleus curriculum ordered by the manifold: its phases as before, its rebuilds as overhead
+    ordered = rows["nucleus:weighting=manifold,clusters=4,rebuild=10"]
+    assert ordered["phases"][0]["kind"] == "nucleus" and ordered["phases"][0]["topics"] == info["nucleus"]
+    assert ordered["overhead_s"] > 0
     # the ReLoRA and LoRA arms train fewer weights than full rank, and say so
     relora, full = rows["uniform:growth=relora,rank=4,every=8"], rows["uniform"]
     assert relora["growth"] == "relora" and relora["trainable_params"] < full["trainable_params"]

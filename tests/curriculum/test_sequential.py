@@ -89,6 +89,58 @@ def test_stratified_weighting_draws_the_topics_of_a_stretch_equally_whatever_the
     assert got[5] > 3 * got[1]  # the natural mixture: topic 5 (50 blocks) far more than topic 1 (10)
 
 
+def test_manifold_weighting_orders_each_stretch_within_its_open_blocks_on_a_graph_of_all():
+    """`weighting="manifold"`: every batch comes from the stretch's blocks (the nucleus first,
+    then what is explored), ordered by the manifold sampler, which measures a real tiny model
+    through the training loop's `bind` and builds its graph over every block."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from curriculum.manifold import ManifoldSampler, ManifoldSettings
+    from pipeline.lm_data import Blocks
+    from pipeline.trainer import FitSettings, fit
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    tokens = torch.stack([torch.randint(4 * (t % 8), 4 * (t % 8) + 4, (8,), generator=torch.Generator().manual_seed(i))
+                          for i, t in enumerate(BLOCK_TOPICS.tolist())])
+    blocks = Blocks(tokens, torch.ones_like(tokens, dtype=torch.bool), BLOCK_TOPICS)
+    manifold = ManifoldSampler(BLOCK_TOPICS, 8, ManifoldSettings(clusters=6, k=2, community_k=1, rebuild_every=20,
+                                                                 prefix_tokens=8), seed=0)
+    cc = CuriosityCurriculum(BLOCK_TOPICS, 8, 120, [0], INFO, make_policy("learned", seed=0), losses([]),
+                             coverage=0.5, k=1, block_size=8, weighting="manifold", manifold=manifold, seed=1)
+    drawn = []
+    fit(model, blocks, lambda: _recording(cc, drawn), FitSettings(steps=120, lr=1e-3, batch_size=8, log_every=50),
+        torch.device("cpu"))
+    assert manifold.builds == 6 and manifold.features is not None  # bound to the model, rebuilt every 20
+    assert len(manifold.graphs[0].labels) == len(BLOCK_TOPICS)  # one graph over every block
+    explored: set = set()
+    for p in cc.phases:
+        explored |= set(p.topics)
+        for batch in drawn[p.start:p.start + p.batches]:
+            assert set(BLOCK_TOPICS[batch]) <= explored  # only what the curriculum has opened
+    assert cc.phases[0].kind == "nucleus" and all(set(BLOCK_TOPICS[b]) == {0} for b in drawn[:cc.phases[0].batches])
+    assert cc.overhead_s >= manifold.overhead_s > 0  # the rebuilds count as the curriculum's overhead
+    with pytest.raises(ValueError, match="takes a ManifoldSampler"):
+        CuriosityCurriculum(BLOCK_TOPICS, 8, 10, [0], INFO, make_policy("random", seed=0), losses([]),
+                            weighting="manifold")
+
+
+def _recording(cc, drawn):
+    """`cc` as the training loop sees it (its `bind` too), keeping every batch it hands out."""
+    class Recording:
+        bind = cc.bind
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            drawn.append(next(cc))
+            return drawn[-1]
+    return Recording()
+
+
 def test_nearest_policy_takes_the_most_similar_frontier_topic_and_k_grows_the_neighbourhood():
     cc = CuriosityCurriculum(BLOCK_TOPICS, 8, 400, [3], INFO, make_policy("nearest"), losses([]),
                              coverage=1.0, replay=0.0, k=1, seed=0)
