@@ -195,9 +195,11 @@ class _Tethers:
         self.events.append({"step": step, "layer": layer, "a": a, "b": b, "compat": round(float(compat), 6),
                             "decision": decision})
 
-    def on_log(self, step: int, loss: float, grad_norm: float, opt: torch.optim.Optimizer) -> dict:
-        """Called by `fit` at every logged step (on every rank: all make the same decisions)."""
-        if self.detector.update(loss, grad_norm):
+    def on_log(self, step: int, loss: float, grad_norm: float, opt: torch.optim.Optimizer,
+               final: bool = False) -> dict:
+        """Called by `fit` at every logged step (on every rank: all make the same decisions). No
+        check at the `final` step: a merge there would go untrained (that is merging after)."""
+        if self.detector.update(loss, grad_norm) and not final:
             self.checks += 1
             self.check(step, opt)
         p1, p2 = (float(self.tracked_value(m).detach()) for m in self.tracked)

@@ -305,7 +305,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
             tps = (tokens - tokens_at_t0) / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
             # every rank: the same loss and gradient norm, so the same merges
-            extra = tethers.on_log(step, last_loss, float(grad_norm), opt) if tethers is not None else {}
+            extra = tethers.on_log(step, last_loss, float(grad_norm), opt, is_last) if tethers is not None else {}
             if log:
                 log({"step": step, "tokens": tokens, "train/loss": last_loss, "lr": sched.get_last_lr()[0],
                      "grad_norm": float(grad_norm), "tokens_per_s": tps, **extra})

@@ -164,3 +164,16 @@ def test_a_tethered_joint_training_killed_and_resumed_ends_where_an_uninterrupte
     a, b = _snapshot(whole), _snapshot(resumed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_plateau_at_the_final_step_merges_nothing():
+    model = _joint()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    tethers = JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3,
+                           TetherSettings(window=2, loss_delta=0.5, threshold=-1.0), steps_per_epoch=10)
+    tethers.on_log(10, 3.0, 1.0, opt)
+    row = tethers.on_log(20, 3.0, 1.0, opt, final=True)  # a plateau, but nothing would train the merge
+    assert tethers.checks == 0 and not tethers.events and row["tether/merges"] == 0
+    tethers.on_log(30, 3.0, 1.0, opt)
+    tethers.on_log(40, 3.0, 1.0, opt)  # the same plateau mid-training is checked
+    assert tethers.checks == 1 and any(e["decision"] == "merge" for e in tethers.events)
