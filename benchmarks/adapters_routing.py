@@ -116,6 +116,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tether-loss-delta", type=float, default=0.01)
     p.add_argument("--tether-max-merges", type=int, default=8, help="layer merges per epoch")
     p.add_argument("--tether-formula", default="svd", choices=["svd", "factors"])
+    p.add_argument("--tether-compare", default="adapter", choices=["adapter", "expert"],
+                   help="compatibility of whole adapters (shared + expert) or of the experts alone")
     args = p.parse_args()
     if args.tiny:
         args.data = args.data if args.data != DEFAULT_DATA else DEFAULT_DATA.with_name("valid.txt")
@@ -223,7 +225,7 @@ def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: in
         tethers = JointTethers(model.to(args.device), names, names, share,
                                TetherSettings(window=args.tether_window, loss_delta=args.tether_loss_delta,
                                               threshold=tether_threshold, max_merges_per_epoch=args.tether_max_merges,
-                                              formula=args.tether_formula),
+                                              formula=args.tether_formula, compare=args.tether_compare),
                                steps_per_epoch=math.ceil(len(blocks) / args.batch_size))
         on_batch = lambda idx: tethers.activate(int(blocks.topics[idx[0]]))  # noqa: E731
     tokens = train_model(model, blocks, steps, args.lora_lr, args, seed, out.name,

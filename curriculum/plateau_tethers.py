@@ -60,6 +60,7 @@ class TetherSettings:
     threshold: float = 0.5
     max_merges_per_epoch: int = 8
     formula: str = "svd"
+    compare: str = "adapter"  # joint: "adapter" (shared + expert, as served) or "expert" (the expert alone)
 
 
 class PlateauDetector:
@@ -168,6 +169,8 @@ class _Tethers:
     def __init__(self, settings: TetherSettings, steps_per_epoch: int, modules: dict[str, torch.nn.Module]) -> None:
         if settings.formula not in MERGE_FORMULAS:
             raise ValueError(f"unknown merge formula {settings.formula!r}")
+        if settings.compare not in ("adapter", "expert"):
+            raise ValueError(f"compare must be 'adapter' or 'expert', got {settings.compare!r}")
         self.s = settings
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.detector = PlateauDetector(settings.window, settings.loss_delta, settings.grad_norm)
@@ -268,11 +271,14 @@ class JointTethers(_Tethers):
         return list(same.values())
 
     def _tether(self, layer: str, expert: int) -> list[tuple]:
-        """A group's delta at `layer` as (A, B, scale) per module: shared + its expert."""
+        """A group's delta at `layer` as (A, B, scale) per module: shared + its expert (what is
+        served), or with `compare: expert` the expert alone (the shared part is common to all,
+        so it lifts every compatibility towards 1)."""
         out = []
+        parts = (self.experts[expert],) if self.s.compare == "expert" else (self.shared, self.experts[expert])
         for name in self.layers[layer]:
             m = self.modules[name]
-            for adapter in (self.shared, self.experts[expert]):
+            for adapter in parts:
                 a, b = factors(m, adapter)
                 out.append((a.detach().float(), b.detach().float(), float(m.scaling[adapter])))
         return out

@@ -420,6 +420,8 @@ class TethersConfig(Section):
     """Layer merges allowed per epoch of the training's blocks."""
     formula: Literal["svd", "factors"] = "svd"
     """How a layer merges: `svd` (the best rank-r approximation of the mean of the deltas) or `factors` (the mean of the A and of the B factors); both keep the rank."""
+    compare: Literal["adapter", "expert"] = "adapter"
+    """`train --joint`: compare each neighbourhood's whole adapter there (shared + expert, as served) or its expert alone (the shared part, common to all, lifts every compatibility towards 1)."""
 
     def settings(self):
         """The plain settings `curriculum.plateau_tethers` takes."""

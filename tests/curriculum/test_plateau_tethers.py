@@ -177,3 +177,19 @@ def test_a_plateau_at_the_final_step_merges_nothing():
     tethers.on_log(30, 3.0, 1.0, opt)
     tethers.on_log(40, 3.0, 1.0, opt)  # the same plateau mid-training is checked
     assert tethers.checks == 1 and any(e["decision"] == "merge" for e in tethers.events)
+
+
+def test_comparing_experts_alone_leaves_out_the_shared_part_every_adapter_has():
+    model = _joint()
+    with torch.no_grad():  # a large shared delta, experts pointing apart: whole adapters look alike
+        for name, p in model.named_parameters():
+            if "lora_B.shared" in name:
+                p.mul_(50.0)
+    compat = {}
+    for compare in ("adapter", "expert"):
+        tethers = JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3, TetherSettings(compare=compare),
+                               steps_per_epoch=10)
+        compat[compare] = [c for pairs in (tethers._compat(layer) for layer in tethers.layers) for c in pairs.values()]
+    assert min(compat["adapter"]) > 0.9 > max(abs(c) for c in compat["expert"])
+    with pytest.raises(ValueError, match="compare"):
+        JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3, TetherSettings(compare="shared"), 10)
