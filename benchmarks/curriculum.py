@@ -30,7 +30,7 @@ split as its probe), and `clusters`, `k`, `community_k`, `rebuild`, `refresh`, `
 `manifold` config section names them; its rebuilds are the arm's overhead. Any arm may also
 grow its model another way (`pipeline/relora.py`): `growth=relora,rank=64,every=100` (ReLoRA:
 a LoRA plus embeddings and norms, merged into the weights and restarted every `every` steps, the
-learning rate re-warmed) or `growth=lora,rank=64` (the same LoRA, never merged); each row then
+learning rate re-warmed; `warm=N` trains every weight for the first N steps, the paper's warm start) or `growth=lora,rank=64` (the same LoRA, never merged); each row then
 records tokens/s, peak GPU memory and the optimizer's state, and `--model-size base` trains
 another preset on the same bundle. Every arm of a seed gets the same model initialisation, blocks (full 256-token
 blocks, each from one topic, so that tokens = steps x batch x block size exactly), optimizer,
@@ -88,7 +88,7 @@ PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and 
 # of rank `rank` plus embeddings and norms, merged into the weights and restarted every `every`
 # steps), `lora` (the same LoRA never merged: the control that shows what the merges add).
 GROWTH = ("full", "relora", "lora")
-GROWTH_PARAMS = {"growth", "rank", "every"}
+GROWTH_PARAMS = {"growth", "rank", "every", "warm"}  # warm: ReLoRA's full-rank warm-start steps
 RELORA_WARMUP = 20  # FitSettings' default re-warm-up after each merge
 
 
@@ -373,14 +373,15 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
     if growth != "full":
         from pipeline import relora
 
-        model = relora.wrap(model, int(params.get("rank", 64)), seed)
+        model = relora.wrap(model, int(params.get("rank", 64)), seed, warm_start=growth == "relora"
+                            and int(params.get("warm", 0)) > 0)
     model = model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     s = settings
     fs = FitSettings(steps=s.steps, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps,
                      eval_every=s.eval_every, checkpoint_every=s.steps + 1, log_every=s.eval_every,
                      autocast_dtype=autocast, relora_warmup=RELORA_WARMUP,
-                     relora_every=int(params.get("every", 100)) if growth == "relora" else None)
+                     relora_every=int(params.get("every", 100)) if growth == "relora" else None,
+                     relora_warm_start=int(params.get("warm", 0)) if growth == "relora" else 0)
     adjacency = {int(t): ns for t, ns in info["adjacency"].items()}
     centrality = np.asarray(info["centrality"])
     graph = topic_graph(info, b.centroids, params)
@@ -446,6 +447,8 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
         torch.cuda.reset_peak_memory_stats()
     result = fit(model, b.blocks, new_sampler, fs, device, evaluate=evaluate_fn, log=log, desc=spec)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    # what the optimizer holds state for at the end (a ReLoRA warm start's frozen weights not)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for step in sorted(logged):
         row = logged[step]
         if "ppl" in row:
@@ -504,7 +507,7 @@ def _jagged(row: dict, step: int) -> float:
         return 1.0
     from pipeline import relora
 
-    return relora.jagged(step, int(row["params"].get("every", 100)), RELORA_WARMUP)
+    return relora.jagged(step, int(row["params"].get("every", 100)), RELORA_WARMUP, int(row["params"].get("warm", 0)))
 
 
 # ------------------------------------------------------------------------------ driver

@@ -214,6 +214,8 @@ class TrainConfig(Section):
     """Steps over which the learning rate re-warms after each ReLoRA merge."""
     relora_prune: float = Field(default=0.99, ge=0.0, lt=1.0)
     """Fraction of the adapter's optimizer state (smallest magnitudes) zeroed at each ReLoRA merge."""
+    relora_warm_start: int = Field(default=0, ge=0)
+    """ReLoRA: steps of full-rank training before the first cycle (the paper's warm start; 0 = none)."""
     loss: Literal["full", "chunked"] = "full"
     """Training loss: `full` (the model's own: logits for every position) or `chunked` (the output layer and cross-entropy a few thousand positions at a time, recomputed in the backward pass: no (tokens x vocab) tensor is kept; Llama-style models)."""
     eval_batch_size: int = Field(default=16, ge=1)

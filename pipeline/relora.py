@@ -7,7 +7,9 @@ the paper. Every `train.relora_every` steps the adapter is merged
 into the base weights (W += scale * B A) and re-initialised (A random, B = 0, so the model's
 outputs do not change at the merge), most of the adapter's optimizer state is pruned by
 magnitude (`train.relora_prune`), and the learning rate re-warms over `train.relora_warmup`
-steps: the jagged schedule. Each cycle adds up to `rank` new directions, so the sum of the
+steps: the jagged schedule. With `train.relora_warm_start` N, the first N steps train every
+weight in full (the paper's warm start); then the adapter folds in, the wrapped weights freeze
+and lose their optimizer state, and the cycles begin. Each cycle adds up to `rank` new directions, so the sum of the
 updates can reach full rank while the optimizer holds state for the adapter only. At the end the
 last adapter is merged and the model unwrapped: it saves as a plain Hugging Face model.
 
@@ -49,18 +51,31 @@ def check_mergeable(base: str) -> None:
                         f"Use an unquantised copy of the model, or unset train.relora_every.")
 
 
-def wrap(model: nn.Module, rank: int, seed: int) -> nn.Module:
+def wrap(model: nn.Module, rank: int, seed: int, warm_start: bool = False) -> nn.Module:
     """The model with a LoRA adapter on every linear layer but the output; everything else (the
-    embeddings, norms, biases, an untied output layer) trains in full, as in the paper."""
+    embeddings, norms, biases, an untied output layer) trains in full, as in the paper. With
+    `warm_start` the wrapped weights train too, until `freeze_base` (the paper's full-rank warm
+    start: the first steps train everything)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
                                                   target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
     for name, p in peft_model.named_parameters():
-        if ".base_layer." not in name:  # the LoRA-wrapped weights stay frozen: their update is the adapter
+        if ".base_layer." not in name or warm_start:  # else frozen: their update is the adapter
             p.requires_grad_(True)
     return peft_model
+
+
+def freeze_base(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
+    """End of the warm start: the LoRA-wrapped weights stop training and the optimizer drops their
+    state (the memory ReLoRA saves); from here on they change only by merges."""
+    for layer in lora_layers(model):
+        weight = layer.base_layer.weight
+        weight.requires_grad_(False)
+        weight.grad = None
+        if opt is not None:
+            opt.state.pop(weight, None)
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -96,12 +111,19 @@ def prune_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, fraction
             t.mul_(t.abs() >= threshold)
 
 
-def jagged(step: int, every: int, warmup: int) -> float:
-    """The learning-rate factor after the first merge: a linear re-warm-up over `warmup` steps
-    from each merge (the first cycle keeps the ordinary warm-up)."""
-    if step < every:
+def jagged(step: int, every: int, warmup: int, start: int = 0) -> float:
+    """The learning-rate factor: a linear re-warm-up over `warmup` steps from each merge. Without
+    a warm start the first cycle keeps the ordinary warm-up; after a warm start of `start` steps
+    the cycles (and re-warm-ups) begin at `start`."""
+    if step < start or (start == 0 and step < every):
         return 1.0
-    return min(1.0, (step % every + 1) / warmup)
+    return min(1.0, ((step - start) % every + 1) / warmup)
+
+
+def merges_at(step: int, every: int, start: int = 0) -> bool:
+    """Whether the adapter folds into the base after `step` steps: at the end of a warm start, then
+    every `every` steps from it."""
+    return step >= start and step > 0 and (step - start) % every == 0
 
 
 def unwrap(model: nn.Module) -> nn.Module:

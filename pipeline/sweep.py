@@ -39,13 +39,12 @@ from curriculum import ace, modules
 from curriculum.curiosity import spearman
 from curriculum.samplers import make_sampler
 from pipeline import nucleate as nucleate_stage
-from pipeline import relora
 from pipeline.config import NucleusConfig, build_config, deep_merge
 from pipeline.errors import UserError
 from pipeline.evaluate import passage_nll
 from pipeline.lm_data import make_eval_set, pack_by_topic, passage_texts, tokenize
 from pipeline.model import build_scratch_model, train_tokenizer
-from pipeline.train import RunData, autocast_dtype, fit_settings, manifold_context, relora_settings
+from pipeline.train import RunData, autocast_dtype, fit_settings, manifold_context, relora_model, relora_settings
 from pipeline.trainer import fit
 from pipeline.workspace import Workspace
 
@@ -237,7 +236,7 @@ def train_and_score(cfg: NucleusConfig, world: TrialWorld) -> float:
     model = build_scratch_model(world.tokenizer, cfg.model.size, cfg.seed)
     settings = fit_settings(cfg, cfg.sweep.steps, t.lr, device, replay=False)
     if t.relora_every is not None:
-        model = relora.wrap(model, t.relora_rank, cfg.seed)
+        model = relora_model(cfg, model)
         settings = relora_settings(cfg, settings)
     model.to(device)
     torch.manual_seed(cfg.seed)

@@ -133,6 +133,9 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
         if cfg.train.relora_every >= cfg.train.nucleus_steps:
             raise UserError(f"train.relora_every: {cfg.train.relora_every} must be below train.nucleus_steps "
                             f"({cfg.train.nucleus_steps}), or no merge ever happens.")
+        if cfg.train.relora_warm_start >= cfg.train.nucleus_steps:
+            raise UserError(f"train.relora_warm_start: {cfg.train.relora_warm_start} must be below "
+                            f"train.nucleus_steps ({cfg.train.nucleus_steps}), or ReLoRA never starts.")
     check_model(cfg, ws)
     replay_rows = int(round(cfg.lora.replay_fraction * cfg.train.batch_size)) if nb.id != NUCLEUS else 0
     problem = distributed.check_batch(cfg.train.batch_size, replay_rows)
@@ -272,7 +275,7 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
     if kind == "lora":
         model = add_lora(cfg, model)
     elif uses_relora(cfg, kind):
-        model = relora.wrap(model, cfg.train.relora_rank, cfg.seed)
+        model = relora_model(cfg, model)
     return model.to(device), tokenizer, kind
 
 
@@ -280,11 +283,17 @@ def uses_relora(cfg: NucleusConfig, kind: str) -> bool:
     return kind == "full" and cfg.train.relora_every is not None
 
 
+def relora_model(cfg: NucleusConfig, model):
+    """`model` wrapped for ReLoRA as `train.relora_*` say (its wrapped weights trainable too
+    during a warm start)."""
+    return relora.wrap(model, cfg.train.relora_rank, cfg.seed, warm_start=cfg.train.relora_warm_start > 0)
+
+
 def relora_settings(cfg: NucleusConfig, settings: FitSettings) -> FitSettings:
     """`settings` with the ReLoRA cycle of `train.relora_*` (for a model `relora.wrap` wrapped)."""
     t = cfg.train
     return dataclasses.replace(settings, relora_every=t.relora_every, relora_warmup=t.relora_warmup,
-                               relora_prune=t.relora_prune)
+                               relora_prune=t.relora_prune, relora_warm_start=t.relora_warm_start)
 
 
 def add_lora(cfg: NucleusConfig, model):

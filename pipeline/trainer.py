@@ -61,6 +61,7 @@ class FitSettings:
     relora_every: int | None = None  # ReLoRA (pipeline/relora.py): merge and restart the adapter every N steps
     relora_warmup: int = 20
     relora_prune: float = 0.99
+    relora_warm_start: int = 0  # full-rank steps before the first cycle (the model wrapped with warm_start=True)
 
 
 @dataclass
@@ -194,10 +195,10 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    every = s.relora_every
+    every, warm = s.relora_every, s.relora_warm_start
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_lambda(step, s.warmup_steps, s.steps, s.min_lr_ratio)
-        * (relora.jagged(step, every, s.relora_warmup) if every else 1.0))
+        * (relora.jagged(step, every, s.relora_warmup, warm) if every else 1.0))
     ckpt = _Checkpoint(checkpoint_dir, checkpoint_tag)
     # ReLoRA's merges change the frozen weights too: its checkpoints keep every weight
     saved = {n for n, _ in model.named_parameters()} if every else trained
@@ -206,6 +207,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         step, tokens, sampler_state, tethers_state = ckpt.load(model, opt, sched)
         if tethers is not None and tethers_state is not None:
             tethers.load_state_dict(tethers_state)
+        if every and warm and step >= warm:  # past the warm start: the wrapped weights stay frozen
+            relora.freeze_base(model)
     start_step = step
 
     n_replay = int(round(s.replay_fraction * s.batch_size)) if replay is not None and len(replay) else 0
@@ -294,9 +297,11 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        if every and step % every == 0 and step < s.steps:  # ReLoRA: fold the adapter in, start afresh
+        if every and relora.merges_at(step, every, warm) and step < s.steps:  # ReLoRA: fold in, start afresh
             relora.merge_and_reset(model)
             relora.prune_optimizer_state(opt, model, s.relora_prune)
+            if step == warm:  # the warm start ends: from here on only the adapter trains
+                relora.freeze_base(model, opt)
 
         is_last = step == s.steps
         if step % s.log_every == 0 or is_last:

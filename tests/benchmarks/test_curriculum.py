@@ -114,7 +114,8 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["prep_s"]["index"] > 0 and info["blocks"] > 100 and info["nucleus"]
     arms = [*bench.ARMS, "nucleus:replay=0.5,coverage=1", "uniform:growth=relora,rank=4,every=8",
-            "nucleus:growth=lora,rank=4", "nucleus:weighting=manifold,clusters=4,rebuild=10"]
+            "nucleus:growth=lora,rank=4", "nucleus:weighting=manifold,clusters=4,rebuild=10",
+            "uniform:growth=relora,rank=4,every=8,warm=10"]
     out = subprocess.run([sys.executable, script, "run", "--bundle", str(bundle), "--seeds", "0", "--steps", "30",
                           "--eval-every", "10", "--jobs", "2", "--work", str(tmp_path / "work"),
                           "--json-out", str(tmp_path / "out.json"), "--plot", str(tmp_path / "curves.png"),
@@ -141,6 +142,8 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     relora, full = rows["uniform:growth=relora,rank=4,every=8"], rows["uniform"]
     assert relora["growth"] == "relora" and relora["trainable_params"] < full["trainable_params"]
     assert relora["optimizer_state_mb"] < full["optimizer_state_mb"] and relora["tokens_per_s"] > 0
+    warm = rows["uniform:growth=relora,rank=4,every=8,warm=10"]  # after its warm start, the adapter's state only
+    assert warm["trainable_params"] == relora["trainable_params"] and warm["curve"][-1]["ppl"] != relora["curve"][-1]["ppl"]
     # the report reads the JSON on its own
     alone = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curriculum_report.py"),
                             str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)

@@ -88,6 +88,37 @@ def test_a_training_killed_mid_cycle_resumes_to_where_an_uninterrupted_one_ends(
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_warm_start_trains_every_weight_then_freezes_the_wrapped_ones_and_drops_their_state(tmp_path):
+    assert [relora.jagged(s, 8, 3, start=10) for s in (0, 9, 10, 11, 12, 17, 18, 19)] == \
+        [1.0, 1.0, 1 / 3, 2 / 3, 1.0, 1.0, 1 / 3, 2 / 3]  # the cycles start at the warm start's end
+    assert [s for s in range(1, 31) if relora.merges_at(s, 8, 10)] == [10, 18, 26]
+    model = relora.wrap(_tiny_lm(), rank=4, seed=0, warm_start=True)
+    base = relora.lora_layers(model)[0].base_layer.weight
+    before = base.detach().clone()
+    seen = {}
+
+    def watch(row):  # at step 5, inside the warm start: the wrapped weight itself has moved
+        if row["step"] == 5:
+            seen["moved"] = not torch.equal(base.detach(), before)
+
+    _fit(model, _settings(relora_warm_start=10, steps=9, log_every=5), log=watch)
+    assert seen["moved"] and base.requires_grad  # still warm at step 9
+    whole = relora.wrap(_tiny_lm(), rank=4, seed=0, warm_start=True)
+    settings = _settings(relora_warm_start=10)
+    _fit(whole, settings)
+    assert not any(m.base_layer.weight.requires_grad for m in relora.lora_layers(whole))
+    # a kill after the warm start resumes to the same end (frozen again, no state for them)
+    _fit(relora.wrap(_tiny_lm(), rank=4, seed=0, warm_start=True), settings, checkpoint_dir=tmp_path)
+    resumed = relora.wrap(_tiny_lm(), rank=4, seed=0, warm_start=True)
+    result = _fit(resumed, settings, checkpoint_dir=tmp_path, resume=True)
+    assert result.resumed_from == 20
+    saved = torch.load(tmp_path / "latest" / "optim.pt", weights_only=True)["optimizer"]["state"]
+    assert len(saved) == sum(p.requires_grad for p in resumed.parameters())  # none for the frozen weights
+    a, b = dict(whole.named_parameters()), dict(resumed.named_parameters())
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_nucleus_train_with_relora_saves_a_plain_model(small_run_copy):
     from transformers import AutoModelForCausalLM
