@@ -315,6 +315,19 @@ class Settings:
     eval_batch_size: int
 
 
+def stretch_manifold(params: dict, block_topics: np.ndarray, batch_size: int, seed: int, model,
+                     block_vectors: np.ndarray | None = None, probe=None):
+    """The manifold sampler a curriculum arm with `weighting=manifold` orders its stretches with
+    (its `MANIFOLD_PARAMS` among the arm's), or None for another weighting."""
+    if params.get("weighting") != "manifold":
+        return None
+    from curriculum.samplers import make_sampler
+
+    mparams = {k: v for k, v in params.items() if k in MANIFOLD_PARAMS}
+    return make_sampler("manifold", block_topics, batch_size, seed=seed,
+                        manifold=manifold_context(mparams, model, block_vectors, probe))
+
+
 def _loss_fn(model, b: Bundle, seed: int, device, autocast_dtype):
     """Mean next-token loss of the current model on each topic's fixed probe blocks (training
     blocks: the held-out split stays untouched by every arm's choices)."""
@@ -401,12 +414,8 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
             if "nucleus_size" in params:  # the N most central topics (PageRank), as nucleate's default picks
                 nucleus = np.argsort(-centrality)[: int(params["nucleus_size"])].tolist()
             weighting = str(params.get("weighting", "natural"))
-            manifold = None
-            if weighting == "manifold":
-                mparams = {k: v for k, v in params.items() if k in MANIFOLD_PARAMS}
-                manifold = make_sampler("manifold", b.blocks.topics, s.batch_size, seed=seed,
-                                        manifold=manifold_context(mparams, model, b.block_vectors,
-                                                                  lambda: b.probe(s.block_size)))
+            manifold = stretch_manifold(params, b.blocks.topics, s.batch_size, seed, model, b.block_vectors,
+                                        lambda: b.probe(s.block_size))
             sampler = CuriosityCurriculum(
                 b.blocks.topics, s.batch_size, s.steps, nucleus, topic_info, policy,
                 _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),

@@ -36,7 +36,9 @@ mixes entities), optimizer, schedule and evaluation points (`check_fair` from cu
 
 Curriculum arms take `coverage` (share of the steps before the natural mixture; default 0.5),
 `k` (neighbours joined to each chosen group; default groups-per-community - 1, about a community
-per phase), `replay`, `expanding` and `policy`, as `nucleus:policy=random,coverage=0.3`.
+per phase), `replay`, `expanding` and `policy`, as `nucleus:policy=random,coverage=0.3`, and
+`weighting` (`natural`, `stratified`, or `manifold`: each stretch ordered by the manifold
+sampler's activation space, with the manifold arm's parameters but `k`).
 
 `--adapters` adds, per seed, the routed-experts comparison: a base trained on the nucleus
 community alone, then one LoRA adapter of rank r per other community (trained on that
@@ -80,11 +82,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks import curriculum_report as report  # noqa: E402
 from benchmarks._procs import run_all  # noqa: E402
 from benchmarks.curriculum import (MANIFOLD_PARAMS, Settings, _loss_fn, check_fair, manifold_context,  # noqa: E402
-                                   parse_spec, read_bundle, sequences)
+                                   parse_spec, read_bundle, sequences, stretch_manifold)
 
 ARMS = ("uniform", "stratified", "odm", "skillit", "nucleus", "random_subset", "hubs", "reverse", "manifold")
 CURRICULA = {"nucleus", "random_subset", "hubs", "reverse"}
-PARAMS = {"coverage", "k", "replay", "expanding", "policy"}
+# `weighting=manifold`: each stretch ordered by the manifold sampler (its activation space; its
+# parameters as the manifold arm's, but `k`, which here joins groups to a neighbourhood)
+PARAMS = {"coverage", "k", "replay", "expanding", "policy", "weighting", *(MANIFOLD_PARAMS - {"k"})}
 QA_KEYS = ("acc", "acc_1hop", "acc_2hop", "acc_nucleus", "acc_near", "acc_far", "em", "answer_ppl")
 
 
@@ -363,7 +367,9 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 TopicInfo(graph, b.centroids, centrality, {int(t): w for t, w in info["keywords"].items()}),
                 policy, _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
-                block_size=s.block_size, expanding=bool(params.get("expanding", 1)), seed=seed)
+                block_size=s.block_size, expanding=bool(params.get("expanding", 1)),
+                weighting=str(params.get("weighting", "natural")),
+                manifold=stretch_manifold(params, b.blocks.topics, s.batch_size, seed, model), seed=seed)
         elif name == "manifold":  # the activation space only: this bundle has no embeddings, no validation split
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed, manifold=manifold_context(params, model))
         else:

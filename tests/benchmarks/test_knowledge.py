@@ -94,7 +94,7 @@ def test_tiny_benchmark_runs_every_arm_and_the_adapters(tmp_path):
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["topics"] == 8 and info["nucleus"] == [0, 1] and info["periphery"] == [4, 5]
     assert info["questions"] == {"heldout": 80, "seen": 20}
-    arms = [*bench.ARMS, "nucleus:policy=random"]
+    arms = [*bench.ARMS, "nucleus:policy=random", "nucleus:weighting=manifold,clusters=4,rebuild=10"]
     out = subprocess.run([sys.executable, script, "run", "--bundle", str(bundle), "--seeds", "0", "--steps", "20",
                           "--eval-every", "10", "--adapters", "--jobs", "2", "--work", str(tmp_path / "work"),
                           "--json-out", str(tmp_path / "out.json"), "--arms", *arms],
@@ -108,6 +108,8 @@ def test_tiny_benchmark_runs_every_arm_and_the_adapters(tmp_path):
     assert all([p["step"] for p in r["curve"]] == [0, 10, 20] for r in rows.values())
     assert all(0.0 <= p["acc"] <= 1.0 and p["ppl"] > 1 for r in rows.values() for p in r["curve"])
     assert rows["nucleus"]["phases"][0]["topics"] == [0, 1] and rows["reverse"]["phases"][0]["topics"] == [4, 5]
+    ordered = rows["nucleus:weighting=manifold,clusters=4,rebuild=10"]  # the same phases, ordered by the manifold
+    assert ordered["phases"][0]["topics"] == [0, 1] and ordered["overhead_s"] > 0
     ad = result["adapters"]["rows"][0]
     assert ad["communities"] == [1, 2, 3] and ad["questions"] == sum(c != 0 for c in info["question_community"])
     assert 0.0 <= ad["routed_acc"] <= 1.0 and ad["union_answer_ppl"] > 1
