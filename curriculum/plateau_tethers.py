@@ -36,7 +36,6 @@ compatible merge, the others stay apart, and training goes on from the merged st
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -469,11 +468,11 @@ def read_checks(ledger: Path) -> list[dict]:
 def summary(controller: _Tethers) -> dict:
     """What a training records in its adapter's neighborhood.json."""
     out = {"checks": controller.checks, "merges": sum(controller.merges_by_epoch.values()),
-           "merges_by_epoch": controller.merges_by_epoch,
+           "merges_by_epoch": dict(controller.merges_by_epoch),
            "formula": controller.s.formula, "threshold": controller.s.threshold}
     if isinstance(controller, JointTethers):
         out["owner"] = {layer: [controller.names[e] for e in owners] for layer, owners in controller.owner.items()}
         out["served"] = controller.served()
     else:
-        out["merged_with"] = controller.merged_with
-    return json.loads(json.dumps(out))
+        out["merged_with"] = {layer: list(v) for layer, v in controller.merged_with.items()}
+    return out

@@ -66,8 +66,8 @@ def layer_label(module: str) -> str:
 
 
 def _module_order(m: str):
-    match = _LAYER.search(f".{m}.")
-    return (int(match.group(1)) if match else 1 << 30, m)
+    layer = layer_label(m)
+    return (int(layer) if layer != "other" else 1 << 30, m)
 
 
 def read_adapter_config(path: Path) -> dict:

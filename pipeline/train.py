@@ -258,14 +258,11 @@ def _setup_model(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, data: RunD
             texts = passage_texts(data.corpus, np.flatnonzero(data.trainable).tolist())
             tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
             model, kind = build_scratch_model(tokenizer, cfg.model.size, cfg.seed), "full"
-        elif cfg.train.relora_every is not None:  # ReLoRA trains all of a pretrained model too
+        else:  # a pretrained base: a LoRA adapter on it, or (ReLoRA) all of it trained, saved after
             model, tokenizer = load_pretrained(cfg.model.base, cfg.model.trust_remote_code)
-            kind = "full"
-        else:
-            model, tokenizer = load_pretrained(cfg.model.base, cfg.model.trust_remote_code)
-            if distributed.is_main():
+            kind = "full" if cfg.train.relora_every is not None else "lora"
+            if kind == "lora" and distributed.is_main():
                 save_base(model, tokenizer, base_dir)
-            kind = "lora"
     else:
         model, tokenizer = load_pretrained(str(base_dir))
         kind = "lora"

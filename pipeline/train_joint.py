@@ -106,23 +106,23 @@ def train_jointly(cfg: NucleusConfig, ws: Workspace, resume: bool = True, force:
     if cfg.tethers.during:  # experts tie layer by layer when they plateau compatible
         tethers = JointTethers(model, [nb.id for nb in members], experts, share.tolist(), cfg.tethers.settings(),
                                steps_per_epoch(cfg, len(blocks)))
-        on_batch = lambda idx: tethers.activate(int(blocks.topics[idx[0]]))  # noqa: E731
-    else:
-        on_batch = lambda idx: activate(model, experts[int(blocks.topics[idx[0]])])  # noqa: E731
+    # member g's adapter made active: shared + its expert (at each layer the one it is tied to)
+    use = tethers.activate if tethers is not None else lambda g: activate(model, experts[g])
     checkpoints = ws.root / "checkpoints" / CHECKPOINT
     tag = f"{config_hash}:{','.join(nb.id for nb in members)}"
-    resuming = resume and not force and checkpoint_step(checkpoints, tag) is not None
+    start = checkpoint_step(checkpoints, tag) if resume and not force else None
     metrics_file = ws.logs_dir / "metrics.jsonl"
-    metrics_log.drop_after(metrics_file, CHECKPOINT, checkpoint_step(checkpoints, tag) if resuming else -1)
+    metrics_log.drop_after(metrics_file, CHECKPOINT, start if start is not None else -1)
     torch.manual_seed(cfg.seed)
     fitted = fit(model, blocks, lambda: GroupBatches(blocks.topics, cfg.train.batch_size, seed=cfg.seed), settings,
-                 device, checkpoint_dir=checkpoints, resume=resuming, checkpoint_tag=tag, on_batch=on_batch,
+                 device, checkpoint_dir=checkpoints, resume=start is not None, checkpoint_tag=tag,
+                 on_batch=lambda idx: use(int(blocks.topics[idx[0]])),
                  log=lambda row: metrics_log.append(metrics_file, {"nb": CHECKPOINT, "time": now(), **row}),
                  tethers=tethers, desc="train --joint")
 
     result = JointResult([nb.id for nb in members], cfg.lora.shared_rank, cfg.lora.rank, fitted.steps,
                          fitted.tokens, fitted.seconds, trainable_parameters(model), resumed_from=fitted.resumed_from)
-    metrics = _evaluate(cfg, ws, data, model, tokenizer, members, experts, device, tethers)
+    metrics = _evaluate(cfg, ws, data, model, tokenizer, members, use, device)
     if tethers is not None:
         record_checks(ws.root / "ledger.sqlite", CHECKPOINT, tethers.events, now())
         result.tethers = summary(tethers)
@@ -167,17 +167,15 @@ def _finished(ws: Workspace, members: list[Neighborhood], config_hash: str) -> J
 
 
 def _evaluate(cfg: NucleusConfig, ws: Workspace, data: RunData, model, tokenizer, members: list[Neighborhood],
-              experts: list[str], device: torch.device, tethers: JointTethers | None) -> dict[str, dict[str, float]]:
-    """Held-out metrics of each member's adapter (shared + its expert), as a training records them."""
+              use, device: torch.device) -> dict[str, dict[str, float]]:
+    """Held-out metrics of each member's adapter (shared + its expert; `use(g)` makes member g's
+    active), as a training records them."""
     held = data.heldout_rows()
     eval_set = make_eval_set(tokenizer, data.corpus, held, data.topic_of[held].tolist(), cfg.train.block_size)
     nucleus_topics = nucleate_stage.load_neighborhood(ws, NUCLEUS).topics
     out = {}
-    for g, (nb, expert) in enumerate(zip(members, experts)):
-        if tethers is not None:
-            tethers.activate(g)
-        else:
-            activate(model, expert)
+    for g, nb in enumerate(members):
+        use(g)
         out[nb.id] = evaluate(model, eval_set, cfg.train.eval_batch_size, device, tokenizer.pad_token_id,
                               {nb.id: nb.topics}, nucleus_topics, autocast_dtype(cfg, device))
     return out

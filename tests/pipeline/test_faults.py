@@ -183,6 +183,8 @@ CASES = [
                          ("vector_anchor", "-1"), ("update_blocks", "1"), ("temperature", "0"), ("bandit_lr", "0"),
                          ("bandit_explore", "0"), ("forget_weight", "-1"))],
     # tethers during training
+    Case("tethers-during-not-a-bool", ["train", *R, "-n", "{other}", "--set", "tethers.during=maybe"],
+         ("`tethers.during`", "'maybe'")),
     *[Case(f"tethers-{key.replace('_', '-')}-{value}", ["train", *R, "-n", "{other}", "--set", "tethers.during=true",
                                                         "--set", f"tethers.{key}={value}"], (f"`tethers.{key}`", value))
       for key, value in (("threshold", "1.5"), ("threshold", "-2"), ("window", "1"), ("loss_delta", "-0.1"),
