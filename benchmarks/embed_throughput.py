@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="more batch sizes for the bare side (its best one is reported as well)")
     p.add_argument("--tokenize-threads", type=int, default=None,
                    help="the pipelined path's tokeniser threads (default retrieval.embed.TOKENIZE_THREADS)")
+    p.add_argument("--tokenize-pool", choices=["process", "thread"], default=None,
+                   help="where the pipelined path tokenises (default retrieval.embed.TOKENIZE_POOL)")
+    p.add_argument("--other-pool", action="store_true",
+                   help="also run side nucleus_<other pool>: the same path with the other kind of pool")
     p.add_argument("--shard-size", type=int, default=4096, help="embed_in_shards shard size")
     p.add_argument("--max-tokens", type=int, default=128, help="chunk size in embedder tokens")
     p.add_argument("--min-tokens", type=int, default=24)
@@ -130,7 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval.embed.TOKENIZE_THREADS = args.tokenize_threads
     model_path = resolve_model(args.model)
     # Nucleus side: dtype "auto" = float16 on CUDA, float32 on CPU, as the index stage does.
-    embedder = Embedder(model_path, device=args.device, dtype="auto", batch_size=args.batch_size)
+    embedder = Embedder(model_path, device=args.device, dtype="auto", batch_size=args.batch_size,
+                        tokenize_pool=args.tokenize_pool)
+    other_pool = {"process": "thread", "thread": "process"}[embedder.tokenize_pool]
+    other = Embedder(model_path, device=args.device, dtype="auto", batch_size=args.batch_size,
+                     tokenize_pool=other_pool) if args.other_pool else None
     device = embedder.device
     dtype = next(embedder.model.parameters()).dtype
     # Bare side: its own SentenceTransformer on the same weights, cast to whatever dtype the
@@ -155,17 +163,19 @@ def main(argv: list[str] | None = None) -> dict:
     def run_bare(sub: list[str], batch_size: int = args.batch_size) -> np.ndarray:
         return bare.encode(sub, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
-    def run_nucleus(sub: list[str]) -> np.ndarray:
+    def run_nucleus(sub: list[str], emb=embedder) -> np.ndarray:
         # A fresh, empty shard dir every run: a reused one would be "resumed" (nothing embedded).
         # Removing it is timed too: part of a run that leaves nothing behind, and small.
         with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="embed-bench-") as d:
-            return embed_in_shards(embedder, sub, Path(d) / "shards", args.shard_size)
+            return embed_in_shards(emb, sub, Path(d) / "shards", args.shard_size)
 
     load_before = os.getloadavg()  # this box may be shared: record how busy it was
     # Warm up on ALL passages by default: with only 512, the first timed run (always `bare`,
     # see the AB/BA order below) was 15-40% slower than the median in the first runs of RESULTS.md.
     warm = texts[:args.warmup_passages or n]
     sides: dict[str, Callable[[list[str]], np.ndarray]] = {"bare": run_bare, "nucleus": run_nucleus}
+    if other is not None:
+        sides[f"nucleus_{other_pool}"] = lambda sub: run_nucleus(sub, other)
     for b in args.bare_batch_sizes or []:
         if b != args.batch_size:
             sides[f"bare_b{b}"] = lambda sub, b=b: run_bare(sub, b)
@@ -225,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_nucleus_over_bare": round(pps["nucleus"] / pps["bare"], 4),
         "best_bare_side": best_bare,
         "tokenize_threads": __import__("retrieval.embed").embed.TOKENIZE_THREADS,
+        "tokenize_pool": embedder.tokenize_pool,
         "ratio_nucleus_over_best_bare": round(pps["nucleus"] / pps[best_bare], 4),
         "tokenize_seconds": round(tokenize_s, 4),
         "tokenize_passages_per_s": round(n / tokenize_s, 1),

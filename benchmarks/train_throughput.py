@@ -13,6 +13,9 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_community  pipeline.trainer.fit with the community-traversal sampler (compiled like
                      nucleus_uniform)
   nucleus_chunked    nucleus_uniform with `train.loss: chunked` (no (tokens x vocab) logits kept)
+  nucleus_flash, nucleus_cudnn  (only with --arms) nucleus_uniform with the attention kernel
+                     forced (`FitSettings.attention`): FlashAttention-2 first (PyTorch's default
+                     order) or cuDNN's fused attention first; nucleus_uniform takes `auto`
   nucleus_eager_seed1  (only with --arms) nucleus_eager on another batch order: the noise
                      floor for comparing loss curves
 
@@ -56,6 +59,8 @@ from pipeline.model import build_scratch_model, count_parameters, train_tokenize
 from pipeline.trainer import FitSettings, fit  # noqa: E402
 from retrieval.corpus import split_wikitext_articles  # noqa: E402
 
+# arms that draw exactly nucleus_eager's batches: their loss curves must match its curve
+SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
@@ -151,11 +156,12 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
 
 
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
-                loss: str = "full", seed: int = 0) -> tuple[float, list[float]]:
+                loss: str = "full", seed: int = 0, attention: str = "auto") -> tuple[float, list[float]]:
     # logged every `skip` steps, as the Trainer arm logs: the same host synchronisations
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
                            eval_every=10**9, checkpoint_every=10**9, log_every=args.skip,
-                           autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled, loss=loss)
+                           autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled, loss=loss,
+                           attention=attention)
     make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, seed))  # noqa: E731
     model.to(device)
     clock = SteadyClock(args.skip, device)
@@ -216,6 +222,8 @@ def main() -> None:
         # the eager path on another batch order: how far two curves of the same model differ by
         # data order alone, the noise that compiled-vs-eager differences are measured against
         "nucleus_eager_seed1": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, False, seed=1),
+        "nucleus_flash": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, attention="flash"),
+        "nucleus_cudnn": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, attention="cudnn"),
     }
     if args.arms:
         unknown = set(args.arms) - set(arms)
@@ -224,7 +232,8 @@ def main() -> None:
         keep = {"hf_trainer", "nucleus_uniform", "nucleus_eager", *args.arms}
         arms = {k: v for k, v in arms.items() if k in keep}
     else:
-        arms.pop("nucleus_eager_seed1")
+        for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn"):
+            arms.pop(opt_in)
     for fn in arms.values():  # warm-up: compilation, kernels, allocator, tokenizer caches
         fn(copy.deepcopy(base))
     rates: dict[str, list[float]] = {k: [] for k in arms}
@@ -252,6 +261,9 @@ def main() -> None:
                curves["nucleus_uniform"][0], curves["nucleus_eager"][0])),
            **({"max_abs_loss_diff_eager_seed0_vs_seed1": max(abs(a - b) for a, b in zip(
                curves["nucleus_eager_seed1"][0], curves["nucleus_eager"][0]))} if "nucleus_eager_seed1" in curves else {}),
+           # every arm on the eager arm's batches (same seed, uniform sampler) against its curve
+           "max_abs_loss_diff_vs_eager": {k: max(abs(a - b) for a, b in zip(v[0], curves["nucleus_eager"][0]))
+                                          for k, v in curves.items() if k in SAME_BATCHES},
            "ratio_nucleus_vs_hf": med["nucleus_uniform"] / med["hf_trainer"],
            "ratio_compiled_vs_eager": med["nucleus_uniform"] / med["nucleus_eager"],
            **({"ratio_community_vs_uniform": med["nucleus_community"] / med["nucleus_uniform"]}

@@ -58,6 +58,7 @@ class FitSettings:
     autocast_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the training forward (and its loss); evaluation stays eager
     loss: str = "full"  # "full" (the model's own) or "chunked" (pipeline/loss.py)
+    attention: str = "auto"  # SDPA kernel on CUDA: "auto" (sdpa_backends' choice), "flash" or "cudnn"
     relora_every: int | None = None  # ReLoRA (pipeline/relora.py): merge and restart the adapter every N steps
     relora_warmup: int = 20
     relora_prune: float = 0.99
@@ -81,6 +82,32 @@ def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+ATTENTION_KERNELS = ("auto", "flash", "cudnn")
+
+
+def attention_context(kind: str, device: torch.device):
+    """The scaled-dot-product-attention kernels the training forward may use, best first.
+
+    `flash` is PyTorch's default order (FlashAttention-2 first). `cudnn` puts cuDNN's fused
+    attention first: on Hopper (compute capability 9.x) it uses the chip's own instructions and
+    ran the `base` preset's attention faster on an H200 (RESULTS.md section 3). `auto` is `cudnn`
+    on Hopper and the default order elsewhere. The choice is made when the forward is traced, so
+    `fit` wraps every call of the (compiled or eager) forward in it."""
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {kind!r}")
+    if device.type != "cuda":
+        return nullcontext()
+    if kind == "auto":
+        kind = "cudnn" if torch.cuda.get_device_capability(device)[0] == 9 else "flash"
+    if kind == "flash":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # the others stay allowed, behind it: a shape cuDNN does not take falls back to them
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
 
 
 def sparsify_gradients(params: list[nn.Parameter], keep: float) -> None:
@@ -267,6 +294,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         return idx, mine, ids, mask, n, n_mine
 
     autocast = (torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
+    attention_context(s.attention, device)  # a bad name fails here, before any step
     model.train()
     metrics: dict[str, float] = {}
     recent_loss = torch.zeros((), device=device)
@@ -279,7 +307,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
             if on_batch is not None:
                 on_batch(idx)
             labels = ids.masked_fill(~mask, -100)
-            with autocast:
+            with autocast, attention_context(s.attention, device):  # a fresh one: each is single-use
                 loss, rows = forward(ids, mask.long() if padded else None, labels)
             if ddp:  # DDP averages the ranks' gradients: weigh each share by its tokens, so the
                 loss = loss * (n_mine * distributed.world_size() / n_tokens)  # result is the batch's mean

@@ -39,7 +39,7 @@ class Embedder:
     """Wraps a SentenceTransformer; `encode` returns L2-normalised float32 (n, dim) arrays."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64):
+                 batch_size: int = 64, tokenize_pool: str | None = None):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -60,6 +60,10 @@ class Embedder:
             dtype = "float16" if self.device.startswith("cuda") else "float32"
         self.dtype = dtype
         self._prepare = None  # encode_pipelined's tokenisation, chosen at its first call
+        self.tokenize_pool = tokenize_pool or TOKENIZE_POOL
+        if self.tokenize_pool not in ("thread", "process"):
+            raise ValueError(f"tokenize_pool must be 'thread' or 'process', got {self.tokenize_pool!r}")
+        self._pool = None  # the tokeniser's workers, started at the first pipelined call, kept
         # Always cast: a model saved in float16 loads as float16, which is slow on a CPU.
         self.model.to(getattr(torch, dtype))
 
@@ -89,9 +93,10 @@ class Embedder:
         - texts sorted by length (as sentence-transformers sorts them) and cut into batches by a
           token budget (about `batch_size` passages of `TOKENS_PER_PASSAGE` tokens), so short
           passages go in large batches and padding stays small;
-        - batches tokenised and padded by a few background threads (into pinned memory on a
-          GPU) while the model runs the batches before them: tokenisation leaves the GPU's
-          critical path (the Rust tokeniser releases the GIL, so the threads run in parallel);
+        - batches tokenised and padded by a pool of workers (processes by default, see
+          `_submitter`) while the model runs the batches before them: tokenisation leaves the
+          GPU's critical path; on a GPU each batch goes through pinned memory, so its copy to
+          the device is asynchronous;
         - the vectors stay on the device until the last batch: one copy back per call (a shard),
           not one synchronising copy per batch."""
         import torch
@@ -103,31 +108,61 @@ class Embedder:
         pin = device.type == "cuda"
         if self._prepare is None:  # chosen (and checked against the model's own) once per embedder
             self._prepare = self._features_fn(texts[:64])
-        prepare = self._prepare
-
-        def features(idx: np.ndarray) -> dict:
-            feats = prepare([texts[i] for i in idx])
-            return {k: (v.pin_memory() if pin and isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+        submit = self._submitter()
 
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)  # in batch order
         self.model.eval()
-        done = 0
-        threads = TOKENIZE_THREADS
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nucleus-tokenize") as pool:
-            ahead = deque(pool.submit(features, b) for b in batches[:2 * threads])
-            for n, idx in enumerate(batches):
-                feats = ahead.popleft().result()
-                if n + 2 * threads < len(batches):
-                    ahead.append(pool.submit(features, batches[n + 2 * threads]))
-                feats = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                         for k, v in feats.items()}
-                with torch.inference_mode():
-                    emb = self.model(feats)["sentence_embedding"]
-                out[done:done + len(idx)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
-                done += len(idx)
+        done, depth = 0, 2 * TOKENIZE_THREADS
+        ahead = deque(submit([texts[i] for i in b]) for b in batches[:depth])
+        for n, idx in enumerate(batches):
+            feats = ahead.popleft().result()
+            if n + depth < len(batches):
+                ahead.append(submit([texts[i] for i in batches[n + depth]]))
+            feats = {k: (_as_tensor(v, pin).to(device, non_blocking=True) if isinstance(v, torch.Tensor | np.ndarray)
+                         else v) for k, v in feats.items()}
+            with torch.inference_mode():
+                emb = self.model(feats)["sentence_embedding"]
+            out[done:done + len(idx)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+            done += len(idx)
         vecs = np.empty((len(texts), self.dim), dtype=np.float32)
         vecs[np.concatenate(batches)] = out.cpu().numpy()  # back to the caller's order, on the host
         return vecs
+
+    def _submitter(self):
+        """`submit(texts) -> Future` of the batch's features, on the embedder's pool (started once).
+
+        `process` (the default on a GPU): worker processes, each with a copy of the Rust
+        tokeniser, return the features as arrays. Threads also tokenise in parallel (the Rust
+        tokeniser releases the GIL), but turning its output into arrays holds the GIL, and so
+        does the main thread that drives the GPU: they wait on each other. `thread` keeps them
+        in this process (the model's own `preprocess` always runs here: only the Rust fast path
+        travels)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        prepare = self._prepare
+        spec = getattr(prepare, "worker_spec", None)  # (tokenizer JSON, fields, extra) of the fast path
+        if self._pool is None:
+            if self.tokenize_pool == "process" and spec is not None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                # spawn, not fork: this process holds CUDA and the tokeniser's own threads
+                self._pool = ProcessPoolExecutor(TOKENIZE_THREADS, multiprocessing.get_context("spawn"),
+                                                 initializer=_start_tokenize_worker, initargs=(spec[0],))
+            else:
+                self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="nucleus-tokenize")
+        if isinstance(self._pool, ThreadPoolExecutor):  # pinned in the thread too, off the main one
+            pin = self.device.startswith("cuda")
+            return lambda batch: self._pool.submit(
+                lambda: {k: _as_tensor(v, pin) if isinstance(v, np.ndarray) else v for k, v in prepare(batch).items()})
+        _, fields, extra = spec
+        return lambda batch: _WithExtra(self._pool.submit(_tokenize_in_worker, batch, fields), extra)
+
+    def close(self) -> None:
+        """Stop the tokeniser's workers (they stop with the process anyway)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _features_fn(self, probe: list[str]):
         """The model's own input preparation (`preprocess`), or a faster equal one: the Rust
@@ -154,20 +189,62 @@ class Embedder:
         if not set(tensors) <= set(fields):
             return prepare
 
-        def fast(batch: list[str]) -> dict:
-            encs = rust.encode_batch_fast([t.strip() for t in batch])
-            out = {k: torch.from_numpy(np.array([getattr(e, fields[k]) for e in encs], dtype=np.int64))
-                   for k in tensors}
-            return {**out, **extra}
+        wanted = {k: fields[k] for k in tensors}
 
+        def fast(batch: list[str]) -> dict:
+            return {**_features(rust, batch, wanted), **extra}
+
+        fast.worker_spec = (rust.to_str(), wanted, extra)  # what a worker process needs to do the same
         mine = fast(probe)
-        same = all(mine[k].shape == reference[k].shape and torch.equal(mine[k], reference[k].long())
+        same = all(mine[k].shape == reference[k].shape and torch.equal(torch.from_numpy(mine[k]), reference[k].long())
                    for k in tensors)
         return fast if same else prepare
 
 
 TOKENS_PER_PASSAGE = 128  # the token budget of a batch is batch_size x this
-TOKENIZE_THREADS = max(1, min(8, (os.cpu_count() or 1) - 1))  # one core left to drive the GPU
+TOKENIZE_THREADS = max(1, min(8, (os.cpu_count() or 1) - 1))  # workers; one core left to drive the GPU
+TOKENIZE_POOL = "process"  # or "thread": where encode_pipelined tokenises (Embedder._submitter)
+
+
+def _features(tokenizer, batch: list[str], fields: dict[str, str]) -> dict[str, np.ndarray]:
+    """The Rust tokeniser's encodings of `batch` as (batch, longest) int64 arrays, one per field
+    (`input_ids` <- `ids`, ...); the texts stripped, as sentence-transformers strips them."""
+    encs = tokenizer.encode_batch_fast([t.strip() for t in batch])
+    return {k: np.array([getattr(e, attr) for e in encs], dtype=np.int64) for k, attr in fields.items()}
+
+
+_WORKER_TOKENIZER = None  # a tokeniser worker process's own copy
+
+
+def _start_tokenize_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    from tokenizers import Tokenizer
+
+    # one core per worker: the pool is the parallelism (the tokeniser's own threads would oversubscribe)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)  # truncation and padding included
+
+
+def _tokenize_in_worker(batch: list[str], fields: dict[str, str]) -> dict[str, np.ndarray]:
+    return _features(_WORKER_TOKENIZER, batch, fields)
+
+
+class _WithExtra:
+    """A future of a worker's arrays that adds the features that are not arrays (e.g. modality)."""
+
+    def __init__(self, future, extra: dict):
+        self.future, self.extra = future, extra
+
+    def result(self) -> dict:
+        return {**self.future.result(), **self.extra}
+
+
+def _as_tensor(v, pin: bool):
+    """A feature as a CPU tensor, in pinned memory for an asynchronous copy to the GPU."""
+    import torch
+
+    t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+    return t.pin_memory() if pin and not t.is_pinned() else t
 
 
 def _token_budget_batches(texts: list[str], budget: int) -> list[np.ndarray]:

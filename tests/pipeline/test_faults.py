@@ -125,6 +125,7 @@ CASES = [
     Case("group-by-not-a-choice", ["index", *R, "--set", "topics.group_by=entity"], ("`topics.group_by`", "'entity'")),
     Case("compile-not-a-choice", ["train", *R, "--set", "train.compile=sometimes"], ("`train.compile`", "'sometimes'")),
     Case("loss-not-a-choice", ["train", *R, "--set", "train.loss=fused"], ("`train.loss`", "'fused'")),
+    Case("attention-not-a-choice", ["train", *R, "--set", "train.attention=flash3"], ("`train.attention`", "'flash3'")),
     # an invalid combination of modules: each key valid alone, a chosen module's need unmet
     Case("chunked-loss-needs-plain-logits", ["train", *R, "--set", "model.base={tmp}/hf", "--set", "train.loss=chunked"],
          ("invalid combination of modules", "`train.loss`", "'chunked' needs `plain_logits`", "model.base=scratch"),

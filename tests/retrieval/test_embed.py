@@ -21,6 +21,28 @@ def test_encode_equals_sentence_transformers_on_real_passages(wikitext_dir, embe
     assert embedder.encode_pipelined([]).shape == (0, 384)
 
 
+def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
+    """The tokeniser's worker processes (the default) and threads in this process are two ways
+    of running the same features: the vectors are bit-equal, and the process pool really is
+    one (its workers are other processes, kept between calls)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from retrieval.embed import Embedder
+
+    texts = [f"{t}\n{b[:600]}" for t, b in split_wikitext_articles(
+        (wikitext_dir / "valid.txt").read_text(encoding="utf-8"))[:30]] + ["", "word " * 600]
+    threads = Embedder(embedder.path, device="cpu", tokenize_pool="thread")
+    try:
+        by_process = embedder.encode_pipelined(texts, batch_size=4)
+        assert isinstance(embedder._pool, ProcessPoolExecutor)
+        pool = embedder._pool
+        assert embedder.encode_pipelined(texts[:5], batch_size=4).shape == (5, 384) and embedder._pool is pool
+        np.testing.assert_array_equal(threads.encode_pipelined(texts, batch_size=4), by_process)
+        assert not isinstance(threads._pool, ProcessPoolExecutor)
+    finally:
+        threads.close()
+
+
 def test_batches_hold_a_token_budget_longest_first():
     texts = ["x" * 400, "y" * 40, "z" * 4000, "w" * 4, "v" * 400]
     batches = _token_budget_batches(texts, budget=300)
@@ -41,5 +63,5 @@ def test_fast_tokenisation_gives_the_models_own_features(wikitext_dir, embedder)
     assert fast is not prepare  # the all-MiniLM tokeniser takes the fast path
     ours, theirs = fast(texts), prepare(texts)
     tensors = [k for k, v in theirs.items() if isinstance(v, torch.Tensor)]
-    assert tensors and all(torch.equal(ours[k], theirs[k].long()) for k in tensors)
+    assert tensors and all(torch.equal(torch.from_numpy(ours[k]), theirs[k].long()) for k in tensors)
     assert {k: v for k, v in ours.items() if k not in tensors} == {k: v for k, v in theirs.items() if k not in tensors}
