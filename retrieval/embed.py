@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +106,24 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         batches = _token_budget_batches(texts, (batch_size or self.batch_size) * TOKENS_PER_PASSAGE)
         device = torch.device(self.device)
-        pin = device.type == "cuda"
         if self._prepare is None:  # chosen (and checked against the model's own) once per embedder
             self._prepare = self._features_fn(texts[:64])
-        submit = self._submitter()
+        try:
+            vecs = self._embed_batches(texts, batches, device)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool, once
+            self.close()
+            vecs = self._embed_batches(texts, batches, device)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out[np.concatenate(batches)] = vecs  # back to the caller's order
+        return out
 
+    def _embed_batches(self, texts: list[str], batches: list[np.ndarray], device) -> np.ndarray:
+        """(len(texts), dim) vectors in batch order: the GPU runs each batch while the pool
+        tokenises the ones after it; one copy back to the host at the end."""
+        import torch
+
+        pin = device.type == "cuda"
+        submit = self._submitter()
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)  # in batch order
         self.model.eval()
         done, depth = 0, 2 * TOKENIZE_THREADS
@@ -124,9 +138,7 @@ class Embedder:
                 emb = self.model(feats)["sentence_embedding"]
             out[done:done + len(idx)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
             done += len(idx)
-        vecs = np.empty((len(texts), self.dim), dtype=np.float32)
-        vecs[np.concatenate(batches)] = out.cpu().numpy()  # back to the caller's order, on the host
-        return vecs
+        return out.cpu().numpy()
 
     def _submitter(self):
         """`submit(texts) -> Future` of the batch's features, on the embedder's pool (started once).
@@ -137,14 +149,11 @@ class Embedder:
         does the main thread that drives the GPU: they wait on each other. `thread` keeps them
         in this process (the model's own `preprocess` always runs here: only the Rust fast path
         travels)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         prepare = self._prepare
         spec = getattr(prepare, "worker_spec", None)  # (tokenizer JSON, fields, extra) of the fast path
         if self._pool is None:
             if self.tokenize_pool == "process" and spec is not None:
                 import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
 
                 # spawn, not fork: this process holds CUDA and the tokeniser's own threads
                 self._pool = ProcessPoolExecutor(TOKENIZE_THREADS, multiprocessing.get_context("spawn"),

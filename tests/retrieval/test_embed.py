@@ -1,6 +1,10 @@
 """The embedder's own batching (token budget, background tokenisation, one copy back) gives the
 vectors `SentenceTransformer.encode` gives, on real WikiText-2 passages of every length."""
 
+import os
+import signal
+import time
+
 import numpy as np
 
 from retrieval.corpus import split_wikitext_articles
@@ -39,6 +43,11 @@ def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
         assert embedder.encode_pipelined(texts[:5], batch_size=4).shape == (5, 384) and embedder._pool is pool
         np.testing.assert_array_equal(threads.encode_pipelined(texts, batch_size=4), by_process)
         assert not isinstance(threads._pool, ProcessPoolExecutor)
+        # a tokeniser worker killed between calls: the next call starts a fresh pool and loses nothing
+        os.kill(next(iter(pool._processes)), signal.SIGKILL)
+        time.sleep(0.5)
+        np.testing.assert_array_equal(embedder.encode_pipelined(texts, batch_size=4), by_process)
+        assert embedder._pool is not pool and isinstance(embedder._pool, ProcessPoolExecutor)
     finally:
         threads.close()
 
