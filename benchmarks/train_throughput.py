@@ -15,7 +15,8 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_chunked    nucleus_uniform with `train.loss: chunked` (no (tokens x vocab) logits kept)
   nucleus_flash, nucleus_cudnn  (only with --arms) nucleus_uniform with the attention kernel
                      forced (`FitSettings.attention`): FlashAttention-2 first (PyTorch's default
-                     order) or cuDNN's fused attention first; nucleus_uniform takes `auto`
+                     order) or cuDNN's fused attention first; nucleus_uniform takes the
+                     default (`flash`)
   nucleus_eager_seed1  (only with --arms) nucleus_eager on another batch order: the noise
                      floor for comparing loss curves
 
@@ -156,7 +157,7 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
 
 
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
-                loss: str = "full", seed: int = 0, attention: str = "auto") -> tuple[float, list[float]]:
+                loss: str = "full", seed: int = 0, attention: str = "flash") -> tuple[float, list[float]]:
     # logged every `skip` steps, as the Trainer arm logs: the same host synchronisations
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
                            eval_every=10**9, checkpoint_every=10**9, log_every=args.skip,
@@ -190,6 +191,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="untimed runs of every arm first (0: the first timed run compiles, untimed below --skip)")
     p.add_argument("--compile", action="store_true", help="torch.compile in hf_trainer and the nucleus arms")
     p.add_argument("--arms", nargs="+", default=None,
                    help="a subset of the arms (default all; hf_trainer, nucleus_uniform and nucleus_eager "
@@ -234,8 +237,9 @@ def main() -> None:
     else:
         for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn"):
             arms.pop(opt_in)
-    for fn in arms.values():  # warm-up: compilation, kernels, allocator, tokenizer caches
-        fn(copy.deepcopy(base))
+    for _ in range(args.warmup_runs):  # warm-up: compilation, kernels, allocator, tokenizer caches
+        for fn in arms.values():
+            fn(copy.deepcopy(base))
     rates: dict[str, list[float]] = {k: [] for k in arms}
     curves: dict[str, list[list[float]]] = {k: [] for k in arms}
     graphs: dict[str, list[int]] = {k: [] for k in arms}

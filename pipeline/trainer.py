@@ -58,7 +58,7 @@ class FitSettings:
     autocast_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the training forward (and its loss); evaluation stays eager
     loss: str = "full"  # "full" (the model's own) or "chunked" (pipeline/loss.py)
-    attention: str = "auto"  # SDPA kernel on CUDA: "auto" (sdpa_backends' choice), "flash" or "cudnn"
+    attention: str = "flash"  # SDPA kernel order on CUDA: "flash" (PyTorch's default) or "cudnn" first
     relora_every: int | None = None  # ReLoRA (pipeline/relora.py): merge and restart the adapter every N steps
     relora_warmup: int = 20
     relora_prune: float = 0.99
@@ -84,24 +84,20 @@ def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-ATTENTION_KERNELS = ("auto", "flash", "cudnn")
+ATTENTION_KERNELS = ("flash", "cudnn")
 
 
 def attention_context(kind: str, device: torch.device):
     """The scaled-dot-product-attention kernels the training forward may use, best first.
 
     `flash` is PyTorch's default order (FlashAttention-2 first). `cudnn` puts cuDNN's fused
-    attention first: on Hopper (compute capability 9.x) it uses the chip's own instructions and
-    ran the `base` preset's attention faster on an H200 (RESULTS.md section 3). `auto` is `cudnn`
-    on Hopper and the default order elsewhere. The choice is made when the forward is traced, so
-    `fit` wraps every call of the (compiled or eager) forward in it."""
+    attention first, which on Hopper GPUs uses the chip's own instructions; whether it is faster
+    for these models is for `benchmarks/train_throughput.py --arms nucleus_cudnn` to say
+    (RESULTS.md section 3), so it is not the default. The choice is made when the forward is
+    traced, so `fit` wraps every call of the (compiled or eager) forward in it."""
     if kind not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {kind!r}")
-    if device.type != "cuda":
-        return nullcontext()
-    if kind == "auto":
-        kind = "cudnn" if torch.cuda.get_device_capability(device)[0] == 9 else "flash"
-    if kind == "flash":
+    if device.type != "cuda" or kind == "flash":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

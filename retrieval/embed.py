@@ -94,7 +94,7 @@ class Embedder:
         - texts sorted by length (as sentence-transformers sorts them) and cut into batches by a
           token budget (about `batch_size` passages of `TOKENS_PER_PASSAGE` tokens), so short
           passages go in large batches and padding stays small;
-        - batches tokenised and padded by a pool of workers (processes by default, see
+        - batches tokenised and padded by a pool of workers (threads, or processes: see
           `_submitter`) while the model runs the batches before them: tokenisation leaves the
           GPU's critical path; on a GPU each batch goes through pinned memory, so its copy to
           the device is asynchronous;
@@ -143,12 +143,13 @@ class Embedder:
     def _submitter(self):
         """`submit(texts) -> Future` of the batch's features, on the embedder's pool (started once).
 
-        `process` (the default on a GPU): worker processes, each with a copy of the Rust
-        tokeniser, return the features as arrays. Threads also tokenise in parallel (the Rust
-        tokeniser releases the GIL), but turning its output into arrays holds the GIL, and so
-        does the main thread that drives the GPU: they wait on each other. `thread` keeps them
-        in this process (the model's own `preprocess` always runs here: only the Rust fast path
-        travels)."""
+        `thread` (the default, measured in RESULTS.md section 1): threads of this process; the
+        Rust tokeniser releases the GIL, so they tokenise in parallel, but turning its output
+        into arrays holds the GIL, and so does the main thread that drives the GPU. `process`:
+        worker processes, each with a copy of the Rust tokeniser, return the features as arrays,
+        so nothing of tokenisation holds this process's GIL; whether that is faster on a GPU
+        host is for `benchmarks/embed_throughput.py --other-pool` to say (the model's own
+        `preprocess`, when the fast path does not apply, always runs in threads here)."""
         prepare = self._prepare
         spec = getattr(prepare, "worker_spec", None)  # (tokenizer JSON, fields, extra) of the fast path
         if self._pool is None:
@@ -212,7 +213,7 @@ class Embedder:
 
 TOKENS_PER_PASSAGE = 128  # the token budget of a batch is batch_size x this
 TOKENIZE_THREADS = max(1, min(8, (os.cpu_count() or 1) - 1))  # workers; one core left to drive the GPU
-TOKENIZE_POOL = "process"  # or "thread": where encode_pipelined tokenises (Embedder._submitter)
+TOKENIZE_POOL = "thread"  # or "process": where encode_pipelined tokenises (Embedder._submitter)
 
 
 def _features(tokenizer, batch: list[str], fields: dict[str, str]) -> dict[str, np.ndarray]:

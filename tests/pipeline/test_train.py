@@ -314,7 +314,7 @@ def test_the_attention_kernel_choice_is_checked_and_leaves_cpu_training_alone():
     from pipeline.lm_data import Blocks
     from pipeline.trainer import FitSettings, attention_context, fit
 
-    assert all(isinstance(attention_context(k, torch.device("cpu")), nullcontext) for k in ("auto", "flash", "cudnn"))
+    assert all(isinstance(attention_context(k, torch.device("cpu")), nullcontext) for k in ("flash", "cudnn"))
     with pytest.raises(ValueError, match="attention must be one of"):
         attention_context("flash3", torch.device("cpu"))
     tokens = torch.randint(0, 16, (16, 8), generator=torch.Generator().manual_seed(1))

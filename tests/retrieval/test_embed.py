@@ -26,7 +26,7 @@ def test_encode_equals_sentence_transformers_on_real_passages(wikitext_dir, embe
 
 
 def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
-    """The tokeniser's worker processes (the default) and threads in this process are two ways
+    """The tokeniser's threads in this process (the default) and worker processes are two ways
     of running the same features: the vectors are bit-equal, and the process pool really is
     one (its workers are other processes, kept between calls)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -35,21 +35,21 @@ def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
 
     texts = [f"{t}\n{b[:600]}" for t, b in split_wikitext_articles(
         (wikitext_dir / "valid.txt").read_text(encoding="utf-8"))[:30]] + ["", "word " * 600]
-    threads = Embedder(embedder.path, device="cpu", tokenize_pool="thread")
+    procs = Embedder(embedder.path, device="cpu", tokenize_pool="process")
     try:
-        by_process = embedder.encode_pipelined(texts, batch_size=4)
-        assert isinstance(embedder._pool, ProcessPoolExecutor)
-        pool = embedder._pool
-        assert embedder.encode_pipelined(texts[:5], batch_size=4).shape == (5, 384) and embedder._pool is pool
-        np.testing.assert_array_equal(threads.encode_pipelined(texts, batch_size=4), by_process)
-        assert not isinstance(threads._pool, ProcessPoolExecutor)
+        by_process = procs.encode_pipelined(texts, batch_size=4)
+        assert isinstance(procs._pool, ProcessPoolExecutor)
+        pool = procs._pool
+        assert procs.encode_pipelined(texts[:5], batch_size=4).shape == (5, 384) and procs._pool is pool
+        np.testing.assert_array_equal(embedder.encode_pipelined(texts, batch_size=4), by_process)
+        assert embedder.tokenize_pool == "thread" and not isinstance(embedder._pool, ProcessPoolExecutor)
         # a tokeniser worker killed between calls: the next call starts a fresh pool and loses nothing
         os.kill(next(iter(pool._processes)), signal.SIGKILL)
         time.sleep(0.5)
-        np.testing.assert_array_equal(embedder.encode_pipelined(texts, batch_size=4), by_process)
-        assert embedder._pool is not pool and isinstance(embedder._pool, ProcessPoolExecutor)
+        np.testing.assert_array_equal(procs.encode_pipelined(texts, batch_size=4), by_process)
+        assert procs._pool is not pool and isinstance(procs._pool, ProcessPoolExecutor)
     finally:
-        threads.close()
+        procs.close()
 
 
 def test_batches_hold_a_token_budget_longest_first():
