@@ -162,9 +162,12 @@ class Embedder:
             else:
                 self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="nucleus-tokenize")
         if isinstance(self._pool, ThreadPoolExecutor):  # pinned in the thread too, off the main one
+            import torch
+
             pin = self.device.startswith("cuda")
-            return lambda batch: self._pool.submit(
-                lambda: {k: _as_tensor(v, pin) if isinstance(v, np.ndarray) else v for k, v in prepare(batch).items()})
+            return lambda batch: self._pool.submit(lambda: {
+                k: _as_tensor(v, pin) if isinstance(v, np.ndarray | torch.Tensor) else v
+                for k, v in prepare(batch).items()})
         _, fields, extra = spec
         return lambda batch: _WithExtra(self._pool.submit(_tokenize_in_worker, batch, fields), extra)
 
