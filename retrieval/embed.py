@@ -122,7 +122,6 @@ class Embedder:
         tokenises the ones after it; one copy back to the host at the end."""
         import torch
 
-        pin = device.type == "cuda"
         submit = self._submitter()
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)  # in batch order
         self.model.eval()
@@ -132,13 +131,21 @@ class Embedder:
             feats = ahead.popleft().result()
             if n + depth < len(batches):
                 ahead.append(submit([texts[i] for i in batches[n + depth]]))
-            feats = {k: (_as_tensor(v, pin).to(device, non_blocking=True) if isinstance(v, torch.Tensor | np.ndarray)
-                         else v) for k, v in feats.items()}
-            with torch.inference_mode():
-                emb = self.model(feats)["sentence_embedding"]
-            out[done:done + len(idx)] = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+            out[done:done + len(idx)] = self.forward(feats, device)
             done += len(idx)
         return out.cpu().numpy()
+
+    def forward(self, feats: dict, device) -> "torch.Tensor":
+        """(batch, dim) unit vectors on `device` of one batch's features (arrays or CPU tensors,
+        copied through pinned memory on a GPU)."""
+        import torch
+
+        pin = device.type == "cuda"
+        feats = {k: (_as_tensor(v, pin).to(device, non_blocking=True) if isinstance(v, torch.Tensor | np.ndarray)
+                     else v) for k, v in feats.items()}
+        with torch.inference_mode():
+            emb = self.model(feats)["sentence_embedding"]
+        return torch.nn.functional.normalize(emb.float(), p=2, dim=1)
 
     def _submitter(self):
         """`submit(texts) -> Future` of the batch's features, on the embedder's pool (started once).
@@ -169,7 +176,7 @@ class Embedder:
                 k: _as_tensor(v, pin) if isinstance(v, np.ndarray | torch.Tensor) else v
                 for k, v in prepare(batch).items()})
         _, fields, extra = spec
-        return lambda batch: _WithExtra(self._pool.submit(_tokenize_in_worker, batch, fields), extra)
+        return lambda batch: self._pool.submit(_tokenize_in_worker, batch, fields, extra)
 
     def close(self) -> None:
         """Stop the tokeniser's workers (they stop with the process anyway)."""
@@ -238,18 +245,9 @@ def _start_tokenize_worker(tokenizer_json: str) -> None:
     _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)  # truncation and padding included
 
 
-def _tokenize_in_worker(batch: list[str], fields: dict[str, str]) -> dict[str, np.ndarray]:
-    return _features(_WORKER_TOKENIZER, batch, fields)
-
-
-class _WithExtra:
-    """A future of a worker's arrays that adds the features that are not arrays (e.g. modality)."""
-
-    def __init__(self, future, extra: dict):
-        self.future, self.extra = future, extra
-
-    def result(self) -> dict:
-        return {**self.future.result(), **self.extra}
+def _tokenize_in_worker(batch: list[str], fields: dict[str, str], extra: dict) -> dict:
+    """A batch's features in a worker process: the arrays, and `extra`, those that are not (e.g. modality)."""
+    return {**_features(_WORKER_TOKENIZER, batch, fields), **extra}
 
 
 def _as_tensor(v, pin: bool):
