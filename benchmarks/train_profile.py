@@ -87,10 +87,15 @@ def main() -> None:
         by_kind[kind_of(e.name)] += us
         by_name[e.name] += us
     total = sum(by_kind.values()) or 1.0
+    # first kernel start to last kernel end: above the summed kernel time by the GPU's idle gaps
+    # (the host not keeping up: launch overhead, synchronisation), which CUDA graphs would remove
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": args.preset,
            "batch": args.batch_size, "block": args.block_size, "attention": args.attention,
            "compiled": not args.eager, "profiled_steps": args.active,
            "kernel_ms_per_step": round(total / 1e3 / args.active, 2),
+           "span_ms_per_step": round(span / 1e3 / args.active, 2),
+           "gpu_idle_share": round(1 - total / span, 4) if span else None,
            "share_by_kind": {k: round(v / total, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
            "slowest_kernels_ms_per_step": {n[:120]: round(v / 1e3 / args.active, 3) for n, v in
                                            sorted(by_name.items(), key=lambda kv: -kv[1])[:args.top]}}
