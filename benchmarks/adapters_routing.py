@@ -114,10 +114,16 @@ def parse_args() -> argparse.Namespace:
                         "for the tethers comparison, which needs only the routed adapters")
     p.add_argument("--tether-window", type=int, default=6)
     p.add_argument("--tether-loss-delta", type=float, default=0.01)
-    p.add_argument("--tether-max-merges", type=int, default=8, help="layer merges per epoch")
+    p.add_argument("--tether-max-merges", type=int, default=8,
+                   help="merges per epoch: layer merges, or with --tether-scope adapter adapters merged away")
     p.add_argument("--tether-formula", default="svd", choices=["svd", "factors"])
     p.add_argument("--tether-compare", default="adapter", choices=["adapter", "expert"],
                    help="compatibility of whole adapters (shared + expert) or of the experts alone")
+    p.add_argument("--tether-scope", default="layer", choices=["layer", "adapter"],
+                   help="merge each layer on its own, or whole adapters (every layer passing) at once")
+    p.add_argument("--tether-keep", type=int, default=None,
+                   help="with --tether-scope adapter: stop merging at this many served adapters "
+                        "(default: half the neighbourhoods)")
     args = p.parse_args()
     if args.tiny:
         args.data = args.data if args.data != DEFAULT_DATA else DEFAULT_DATA.with_name("valid.txt")
@@ -225,7 +231,9 @@ def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: in
         tethers = JointTethers(model.to(args.device), names, names, share,
                                TetherSettings(window=args.tether_window, loss_delta=args.tether_loss_delta,
                                               threshold=tether_threshold, max_merges_per_epoch=args.tether_max_merges,
-                                              formula=args.tether_formula, compare=args.tether_compare),
+                                              formula=args.tether_formula, compare=args.tether_compare,
+                                              scope=args.tether_scope,
+                                              keep_at_least=args.tether_keep or max(1, len(groups) // 2)),
                                steps_per_epoch=math.ceil(len(blocks) / args.batch_size))
         on_batch = lambda idx: tethers.activate(int(blocks.topics[idx[0]]))  # noqa: E731
     tokens = train_model(model, blocks, steps, args.lora_lr, args, seed, out.name,
@@ -400,7 +408,7 @@ def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_bloc
 
     # during: tethers tie experts at plateaus while they train
     for threshold in args.tether_thresholds:
-        label = f"during@{threshold:g}"
+        label = f"during@{threshold:g}" if args.tether_scope == "layer" else f"during:adapter@{threshold:g}"
         out_dir = work / f"seed{seed}" / label
         t0 = time.perf_counter()
         tokens, _, summary = train_joint(base_dir, nb_blocks, steps, args, seed, out_dir, tether_threshold=threshold)

@@ -29,6 +29,13 @@ compatible merge, the others stay apart, and training goes on from the merged st
                   finished adapters in `adapters/` (the note's `tether_other_model`); a merge
                   sets the training adapter's layer to its mean with the most compatible one,
                   which is left as it was.
+- **Scope**: `layer` (the note's rule, the default) merges each layer on its own, so the ties
+  can differ from layer to layer and every neighbourhood may keep an adapter of its own;
+  `adapter` merges two groups at every layer at once, and only when every layer passes the
+  threshold (the smallest compatibility over the layers), agglomeratively (complete linkage, most
+  compatible first) down to `keep_at_least` served adapters: a neighbourhood-level tie, which is
+  what serving fewer adapters needs. The cap counts layer merges in the first scope and adapters
+  merged away in the second.
 - **Records**: every check is a list of events (step, layer, pair, compatibility, decision:
   merge | apart | capped), kept in the controller's state (so in the checkpoint) and written
   to the ledger's `tether_checks` table when the training ends. Merges are capped per epoch.
@@ -60,6 +67,8 @@ class TetherSettings:
     max_merges_per_epoch: int = 8
     formula: str = "svd"
     compare: str = "adapter"  # joint: "adapter" (shared + expert, as served) or "expert" (the expert alone)
+    scope: str = "layer"  # "layer" (each layer on its own) or "adapter" (every layer at once)
+    keep_at_least: int = 1  # joint, scope "adapter": merging stops at this many served adapters
 
 
 class PlateauDetector:
@@ -170,6 +179,10 @@ class _Tethers:
             raise ValueError(f"unknown merge formula {settings.formula!r}")
         if settings.compare not in ("adapter", "expert"):
             raise ValueError(f"compare must be 'adapter' or 'expert', got {settings.compare!r}")
+        if settings.scope not in ("layer", "adapter"):
+            raise ValueError(f"scope must be 'layer' or 'adapter', got {settings.scope!r}")
+        if settings.keep_at_least < 1:
+            raise ValueError(f"keep_at_least must be at least 1, got {settings.keep_at_least}")
         self.s = settings
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.detector = PlateauDetector(settings.window, settings.loss_delta, settings.grad_norm)
@@ -291,8 +304,12 @@ class JointTethers(_Tethers):
     def check(self, step: int, opt) -> None:
         """At each layer, the groups whose every pair is at least `threshold` compatible (complete
         linkage on the compatibilities at the start of the check, as `adapters merge` groups)
-        merge, most compatible first, as long as the epoch's cap allows all of a group's merges."""
+        merge, most compatible first, as long as the epoch's cap allows all of a group's merges.
+        With `scope: adapter`, `_check_adapters` decides for all layers at once."""
         compat = {layer: self._compat(layer) for layer in self.layers}
+        if self.s.scope == "adapter":
+            self._check_adapters(step, opt, compat)
+            return
         labels = {(layer, e): self.label(members) for layer in self.layers for e, members in self.groups(layer).items()}
         candidates = []
         for layer, pairs in compat.items():
@@ -318,6 +335,41 @@ class JointTethers(_Tethers):
                 same = group_of.get((layer, e)) is not None and group_of.get((layer, e)) == group_of.get((layer, f))
                 decision = group_of[(layer, e)][1] if same else "apart"
                 self.event(step, layer, labels[(layer, e)], labels[(layer, f)], c, decision)
+
+    def _check_adapters(self, step: int, opt, compat: dict[str, dict[tuple[int, int], float]]) -> None:
+        """`scope: adapter`: two groups join when every layer of every pair across them is at least
+        `threshold` compatible (complete linkage on each pair's smallest compatibility over the
+        layers), the most compatible first, one join at a time, while the epoch's cap and
+        `keep_at_least` allow; then each joined group merges at every layer. Groups are the same
+        at every layer in this scope, so tied neighbourhoods are served by one adapter."""
+        first = next(iter(self.layers))
+        groups = self.groups(first)
+        labels = {e: self.label(members) for e, members in groups.items()}
+        worst = {pair: min(compat[layer][pair] for layer in self.layers) for pair in compat[first]}
+        joined: list[list[int]] = [[e] for e in sorted(groups)]
+        budget = min(self.merges_left(step), len(joined) - self.s.keep_at_least)
+
+        def linkage(g: list[int], h: list[int]) -> float:
+            return min(worst[(min(e, f), max(e, f))] for e in g for f in h)
+
+        while budget > 0 and len(joined) > 1:
+            value, i, j = max((linkage(g, h), i, j) for i, g in enumerate(joined) for j, h in enumerate(joined) if i < j)
+            if value < self.s.threshold:
+                break
+            joined[i] = sorted(joined[i] + joined.pop(j))
+            budget -= 1
+        group_of = {e: i for i, g in enumerate(joined) for e in g}
+        for members in joined:
+            if len(members) > 1:
+                for layer in self.layers:
+                    self._merge(layer, members, opt)
+                for _ in members[1:]:
+                    self.count_merge(step)
+        for layer, pairs in compat.items():
+            for (e, f), c in pairs.items():
+                decision = ("merge" if group_of[e] == group_of[f]
+                            else "capped" if worst[(e, f)] >= self.s.threshold else "apart")
+                self.event(step, layer, labels[e], labels[f], c, decision)
 
     def _merge(self, layer: str, members: list[int], opt) -> None:
         """Tie the groups of experts `members` at `layer` to the first of them: its factors become
@@ -375,6 +427,9 @@ class ApartTethers(_Tethers):
 
     @torch.no_grad()
     def check(self, step: int, opt) -> None:
+        if self.s.scope == "adapter":
+            self._check_adapter(step, opt)
+            return
         for layer in self.layers:
             mine = self._tether(layer)
             device = mine[0][0].device
@@ -388,6 +443,27 @@ class ApartTethers(_Tethers):
                     self._merge(layer, o, opt)
                     self.count_merge(step)
                 self.event(step, layer, self.adapter, o.name, c, decision)
+
+    def _check_adapter(self, step: int, opt) -> None:
+        """`scope: adapter`: merge every layer with the finished adapter whose smallest
+        compatibility over the layers is the highest, if that passes the threshold (one merge)."""
+        scores = {}
+        for layer in self.layers:
+            mine = self._tether(layer)
+            device = mine[0][0].device
+            scores[layer] = [delta_cosine(mine, self._other(o, layer, device)) for o in self.others]
+        worst = [min(scores[layer][i] for layer in self.layers) for i in range(len(self.others))]
+        best = int(np.argmax(worst)) if worst else None
+        decision = "apart"
+        if best is not None and worst[best] >= self.s.threshold:
+            decision = "merge" if self.merges_left(step) > 0 else "capped"
+        if decision == "merge":
+            for layer in self.layers:
+                self._merge(layer, self.others[best], opt)
+            self.count_merge(step)
+        for layer in self.layers:
+            for i, o in enumerate(self.others):
+                self.event(step, layer, self.adapter, o.name, scores[layer][i], decision if i == best else "apart")
 
     def _merge(self, layer: str, other: LoraFactors, opt) -> None:
         params = []

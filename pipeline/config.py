@@ -421,11 +421,15 @@ class TethersConfig(Section):
     threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
     """A layer merges when its compatibility (cosine of the two adapters' deltas there, as `adapters compat`) is at least this."""
     max_merges_per_epoch: int = Field(default=8, ge=1)
-    """Layer merges allowed per epoch of the training's blocks."""
+    """Merges allowed per epoch of the training's blocks: layer merges (`scope: layer`) or adapters merged away (`scope: adapter`)."""
     formula: Literal["svd", "factors"] = "svd"
     """How a layer merges: `svd` (the best rank-r approximation of the mean of the deltas) or `factors` (the mean of the A and of the B factors); both keep the rank."""
     compare: Literal["adapter", "expert"] = "adapter"
     """`train --joint`: compare each neighbourhood's whole adapter there (shared + expert, as served) or its expert alone (the shared part, common to all, lifts every compatibility towards 1)."""
+    scope: Literal["layer", "adapter"] = "layer"
+    """`layer`: each layer merges on its own (the note's rule; ties may differ by layer). `adapter`: two adapters merge at every layer at once, when every layer passes the threshold, so tied neighbourhoods serve one adapter."""
+    keep_at_least: int = Field(default=1, ge=1)
+    """`train --joint` with `scope: adapter`: merging stops when this many adapters are left to serve."""
 
     def settings(self):
         """The plain settings `curriculum.plateau_tethers` takes."""

@@ -193,3 +193,82 @@ def test_comparing_experts_alone_leaves_out_the_shared_part_every_adapter_has():
     assert min(compat["adapter"]) > 0.9 > max(abs(c) for c in compat["expert"])
     with pytest.raises(ValueError, match="compare"):
         JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3, TetherSettings(compare="shared"), 10)
+
+
+def test_adapter_scope_ties_whole_neighbourhoods_most_compatible_first_down_to_keep_at_least():
+    model = _joint()
+    modules = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():  # e1 is e0 scaled at every layer (cosine 1); e2 points away at layer 1 only
+        for name, m in modules.items():
+            m.lora_A["e1"].weight.copy_(m.lora_A["e0"].weight)
+            m.lora_B["e1"].weight.copy_(2.0 * m.lora_B["e0"].weight)
+            m.lora_A["e2"].weight.copy_(m.lora_A["e0"].weight)
+            sign = -1.0 if "layers.1." in name else 1.0
+            m.lora_B["e2"].weight.copy_(sign * m.lora_B["e0"].weight)
+    before = _snapshot(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    settings = TetherSettings(threshold=0.9, compare="expert", scope="adapter")
+    tethers = JointTethers(model, ["a", "b", "c"], EXPERTS, [0.5, 0.25, 0.25], settings, steps_per_epoch=10)
+    tethers.check(step=1, opt=opt)
+    # a and b tie at every layer (one adapter serves them); c passes at layer 0 but not at layer 1: apart
+    assert all(owners == [0, 0, 2] for owners in tethers.owner.values())
+    assert tethers.served() == [["a", "b"], ["c"]]
+    assert sum(tethers.merges_by_epoch.values()) == 1  # one adapter merged away
+    decisions = {(e["layer"], e["a"], e["b"]): e["decision"] for e in tethers.events}
+    assert decisions[("0", "a", "b")] == decisions[("1", "a", "b")] == "merge"
+    assert decisions[("0", "a", "c")] == decisions[("1", "a", "c")] == "apart"
+    after = _snapshot(model)
+    for name in before:  # e0 is the weighted mean of e0 and 2 e0 (weights 2/3, 1/3): 4/3 e0 as a delta
+        if name.endswith("lora_A.e0.weight"):
+            module = name.removesuffix(".lora_A.e0.weight")
+            delta = after[f"{module}.lora_B.e0.weight"] @ after[name]
+            expected = (4 / 3) * before[f"{module}.lora_B.e0.weight"] @ before[name]
+            assert float((delta - expected).abs().max()) < 1e-5
+        elif ".e0." not in name:
+            assert torch.equal(after[name], before[name]), name
+
+    # the same adapters with every pair compatible: the floor stops the joins at 2 served adapters
+    model = _joint()
+    with torch.no_grad():
+        for m in (m for n, m in model.named_modules() if hasattr(m, "lora_A")):
+            for e in ("e1", "e2"):
+                m.lora_A[e].weight.copy_(m.lora_A["e0"].weight)
+                m.lora_B[e].weight.copy_(m.lora_B["e0"].weight)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    floor = JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3,
+                         TetherSettings(threshold=0.9, compare="expert", scope="adapter", keep_at_least=2), 10)
+    floor.check(step=1, opt=opt)
+    assert len(floor.served()) == 2
+    assert sorted(e["decision"] for e in floor.events if e["layer"] == "0") == ["capped", "capped", "merge"]
+    with pytest.raises(ValueError, match="scope"):
+        JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3, TetherSettings(scope="model"), 10)
+
+
+def test_adapter_scope_against_finished_adapters_merges_every_layer_or_none():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny_lm(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    mine = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    half = LoraFactors("nb-half", 2, 2.0)  # layer 0 equal to ours, layer 1 opposite: fails at layer 1
+    same = LoraFactors("nb-same", 2, 2.0)  # equal at every layer
+    for name, m in mine.items():
+        a, b = (t.detach().clone() for t in factors(m, "default"))
+        half.modules[name] = (a, b if "layers.0." in name else -b)
+        same.modules[name] = (a.clone(), b.clone())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    alone = ApartTethers(model, [half], TetherSettings(threshold=0.9, scope="adapter"), steps_per_epoch=10)
+    before = _snapshot(model)
+    alone.check(step=3, opt=opt)
+    assert {e["decision"] for e in alone.events} == {"apart"} and alone.merged_with == {}
+    assert all(torch.equal(v, _snapshot(model)[k]) for k, v in before.items())
+    both = ApartTethers(model, [half, same], TetherSettings(threshold=0.9, scope="adapter"), steps_per_epoch=10)
+    both.check(step=3, opt=opt)
+    assert both.merged_with == {"0": ["nb-same"], "1": ["nb-same"]}
+    assert {(e["layer"], e["b"]): e["decision"] for e in both.events} == {
+        ("0", "nb-half"): "apart", ("1", "nb-half"): "apart", ("0", "nb-same"): "merge", ("1", "nb-same"): "merge"}
