@@ -25,8 +25,9 @@ from the bundle's centroids by the product's builder: `graph=knn,graph_k=10` or
 traversal on a graph rebuilt from the model being trained (`curriculum.manifold`):
 `manifold:space=activation` (default; `layers=each` for one graph per hidden layer, `layers=N`
 for layer N), `space=learned` (block vectors from the bundle's block embeddings, moved by
-gradient alignment), `traversal=walk|aligned|bandit` (`aligned` reads the bundle's validation
-split as its probe), and `clusters`, `k`, `community_k`, `rebuild`, `refresh`, `prefix` as the
+gradient alignment), `traversal=walk|aligned|bandit|grow` (`aligned` reads the bundle's validation
+split as its probe; `grow` opens the manifold from one cluster outwards, all of it after `grow=F`
+of the steps, default 0.5, batches drawn uniformly from what is open), and `clusters`, `k`, `community_k`, `rebuild`, `refresh`, `prefix` as the
 `manifold` config section names them; its rebuilds are the arm's overhead. Any arm may also
 grow its model another way (`pipeline/relora.py`): `growth=relora,rank=64,every=100` (ReLoRA:
 a LoRA plus embeddings and norms, merged into the weights and restarted every `every` steps, the
@@ -78,9 +79,11 @@ from benchmarks._procs import run_all  # noqa: E402
 
 ARMS = ("uniform", "stratified", "odm", "nucleus", "community", "skillit", "manifold")
 NEEDS_TOPICS = {"stratified", "odm", "nucleus", "community", "skillit"}  # pay for embedding and clustering
-# manifold:space=...,traversal=...,layers=N|each,clusters=,k=,community_k=,rebuild=,refresh=,prefix=
-# (curriculum/manifold.py; rebuild = rebuild_every, prefix = prefix_tokens; the rest as named there)
-MANIFOLD_PARAMS = {"space", "traversal", "layers", "clusters", "k", "community_k", "rebuild", "refresh", "prefix"}
+# manifold:space=...,traversal=...,layers=N|each,clusters=,k=,community_k=,rebuild=,refresh=,prefix=,grow=
+# (curriculum/manifold.py; rebuild = rebuild_every, prefix = prefix_tokens, grow = grow_fraction; the rest
+# as named there)
+MANIFOLD_PARAMS = {"space", "traversal", "layers", "clusters", "k", "community_k", "rebuild", "refresh", "prefix",
+                   "grow"}
 PROBE_MAX_BLOCKS = 128  # the manifold's probe: validation tokens packed into at most this many blocks
 GRAPH_PARAMS = {"graph", "graph_k", "graph_p"}  # another topic graph than the bundle's, built from its centroids
 PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and learning progress
@@ -280,19 +283,21 @@ def topic_graph(info: dict, centroids: np.ndarray, params: dict):
                             p=float(params.get("graph_p", 0.1)), seed=0)
 
 
-def manifold_context(params: dict, model, block_vectors: np.ndarray | None = None, probe=None) -> dict:
+def manifold_context(params: dict, model, block_vectors: np.ndarray | None = None, probe=None,
+                     total_batches: int | None = None) -> dict:
     """A `manifold:` arm's settings (its parameters over the product's defaults), the blocks'
     embeddings (the learned space's start) and `probe()`, the aligned traversal's probe blocks.
-    `layers=each`: one graph per hidden layer; `layers=N`: layer N."""
+    `layers=each`: one graph per hidden layer; `layers=N`: layer N; `grow=F`: the `grow`
+    traversal's `grow_fraction` of the run's `total_batches`."""
     from curriculum.manifold import ManifoldSettings
 
     layers = params.get("layers", -1)
     layers = tuple(range(1, model.config.num_hidden_layers + 1)) if layers == "each" else (int(layers),)
     named = {"space": str, "traversal": str, "clusters": int, "k": int, "community_k": int,
-             "rebuild": int, "refresh": float, "prefix": int}
-    renamed = {"rebuild": "rebuild_every", "prefix": "prefix_tokens"}
+             "rebuild": int, "refresh": float, "prefix": int, "grow": float}
+    renamed = {"rebuild": "rebuild_every", "prefix": "prefix_tokens", "grow": "grow_fraction"}
     sets = {renamed.get(key, key): cast(params[key]) for key, cast in named.items() if key in params}
-    settings = ManifoldSettings(**sets, layers=layers)
+    settings = ManifoldSettings(**sets, layers=layers, total_batches=total_batches)
     if settings.space == "learned" and block_vectors is None:
         raise SystemExit("manifold:space=learned needs the blocks' embeddings, which this bundle lacks")
     if settings.traversal == "aligned" and probe is None:
@@ -316,7 +321,7 @@ class Settings:
 
 
 def stretch_manifold(params: dict, block_topics: np.ndarray, batch_size: int, seed: int, model,
-                     block_vectors: np.ndarray | None = None, probe=None):
+                     block_vectors: np.ndarray | None = None, probe=None, total_batches: int | None = None):
     """The manifold sampler a curriculum arm with `weighting=manifold` orders its stretches with
     (its `MANIFOLD_PARAMS` among the arm's), or None for another weighting."""
     if params.get("weighting") != "manifold":
@@ -325,7 +330,7 @@ def stretch_manifold(params: dict, block_topics: np.ndarray, batch_size: int, se
 
     mparams = {k: v for k, v in params.items() if k in MANIFOLD_PARAMS}
     return make_sampler("manifold", block_topics, batch_size, seed=seed,
-                        manifold=manifold_context(mparams, model, block_vectors, probe))
+                        manifold=manifold_context(mparams, model, block_vectors, probe, total_batches))
 
 
 def _loss_fn(model, b: Bundle, seed: int, device, autocast_dtype):
@@ -415,7 +420,7 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 nucleus = np.argsort(-centrality)[: int(params["nucleus_size"])].tolist()
             weighting = str(params.get("weighting", "natural"))
             manifold = stretch_manifold(params, b.blocks.topics, s.batch_size, seed, model, b.block_vectors,
-                                        lambda: b.probe(s.block_size))
+                                        lambda: b.probe(s.block_size), s.steps)
             sampler = CuriosityCurriculum(
                 b.blocks.topics, s.batch_size, s.steps, nucleus, topic_info, policy,
                 _loss_fn(model, b, seed, device, autocast), coverage=float(params.get("coverage", 0.5)),
@@ -425,7 +430,7 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
         elif name == "manifold":
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed,
                                    manifold=manifold_context(params, model, b.block_vectors,
-                                                             lambda: b.probe(s.block_size)))
+                                                             lambda: b.probe(s.block_size), s.steps))
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency,
                                    int(params.get("k", info["community_k"])), seed)

@@ -369,9 +369,11 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                 replay=float(params.get("replay", info["replay"])), k=int(params.get("k", info["k"])),
                 block_size=s.block_size, expanding=bool(params.get("expanding", 1)),
                 weighting=str(params.get("weighting", "natural")),
-                manifold=stretch_manifold(params, b.blocks.topics, s.batch_size, seed, model), seed=seed)
+                manifold=stretch_manifold(params, b.blocks.topics, s.batch_size, seed, model,
+                                          total_batches=s.steps), seed=seed)
         elif name == "manifold":  # the activation space only: this bundle has no embeddings, no validation split
-            sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed, manifold=manifold_context(params, model))
+            sampler = make_sampler(name, b.blocks.topics, s.batch_size, seed=seed,
+                                   manifold=manifold_context(params, model, total_batches=s.steps))
         else:
             sampler = make_sampler(name, b.blocks.topics, s.batch_size, adjacency, 2, seed)
         sampler_box.append(sampler)

@@ -25,6 +25,13 @@ walks a graph that is rebuilt from the model being trained:
     learning progress on the drawn community (the drop of its training loss since its last
     visit) and, at each rebuild, penalised by the forgetting on the communities visited before
     (the rise of their loss between the last two rebuilds).
+  - `grow`: no root and no narrow community: an open region of the manifold that starts at
+    one cluster and grows along it, the closed cluster nearest (centroid cosine) to an open one
+    first, until every cluster is open after `grow_fraction` of the run's `total_batches`;
+    each batch is drawn uniformly from the open region's blocks (the nucleus arm's expanding
+    window, on the model's own graph instead of the topic graph). The runs of RESULTS.md
+    section 11 found that the narrower and more topical a batch, the worse; this keeps batches
+    mixed and lets the manifold decide only the order in which the corpus opens.
 
 The sampler reads the model through `attach` (the training loop calls it) and the per-block
 training losses through `observe`; `state_dict` holds everything its stream depends on (vectors,
@@ -45,7 +52,7 @@ import numpy as np
 from curriculum.samplers import BatchStream, _check
 
 SPACES = ("activation", "learned")
-TRAVERSALS = ("walk", "aligned", "bandit")
+TRAVERSALS = ("walk", "aligned", "bandit", "grow")
 
 # (indices of blocks) -> {"acts": {layer: (n, d)}, "grads": (n, f), "losses": (n,)}; see block_signals
 Features = Callable[[np.ndarray, bool], dict]
@@ -72,12 +79,16 @@ class ManifoldSettings:
     bandit_explore: float = 0.1
     bandit_share: float = 0.01
     forget_weight: float = 1.0
+    grow_fraction: float = 0.5  # grow: the share of the run over which the open region reaches everything
+    total_batches: int | None = None  # grow: the run's batches (the training loop's steps x accumulation)
 
     def __post_init__(self):
         if self.space not in SPACES or self.traversal not in TRAVERSALS:
             raise ValueError(f"space must be one of {SPACES} and traversal one of {TRAVERSALS}")
-        if len(self.layers) > 1 and (self.space != "activation" or self.traversal == "bandit"):
+        if len(self.layers) > 1 and (self.space != "activation" or self.traversal in ("bandit", "grow")):
             raise ValueError("several layers (one graph per layer) need space 'activation' and a walk")
+        if not 0.0 < self.grow_fraction <= 1.0:
+            raise ValueError(f"grow_fraction must be in (0, 1], got {self.grow_fraction}")
 
 
 # ------------------------------------------------------------------------------ the graph
@@ -265,6 +276,8 @@ class ManifoldSampler(BatchStream):
             raise ValueError("the learned space needs one starting vector (embedding) per block")
         if settings.traversal == "aligned" and probe is None:
             raise ValueError("the aligned traversal needs probe blocks (the validation split, packed)")
+        if settings.traversal == "grow" and not (settings.total_batches and settings.total_batches > 0):
+            raise ValueError("the grow traversal needs the run's total_batches (the training loop's batches)")
         self.probe = probe  # (tokens, mask) CPU tensors, or None
         self.s = settings
         self.block_topics = block_topics
@@ -297,6 +310,7 @@ class ManifoldSampler(BatchStream):
         # does not copy the per-block losses to the host at every step (a wait for the GPU).
         self.observe = self._observe if settings.traversal == "bandit" else None
         self.allowed: np.ndarray | None = None  # `restrict`: the blocks batches may come from (None = all)
+        self.open_clusters: list[int] = []  # grow: the open region's clusters, in the order they opened
 
     # -- wiring
 
@@ -441,11 +455,37 @@ class ManifoldSampler(BatchStream):
         p /= p.sum()
         return int(cand[rng.choice(len(cand), p=p)]), 1.0
 
+    def _grow(self, graph: ClusterGraph) -> np.ndarray:
+        """Grow: open clusters up to this batch's target, nearest first; the open region's blocks
+        (those batches may come from)."""
+        c = len(graph.centroids)
+        span = max(1, round(self.s.grow_fraction * self.s.total_batches))
+        target = min(c, 1 + self.batches_drawn * (c - 1) // span)
+        usable = self._open(graph)
+        closed = [j for j in range(c) if j not in self.open_clusters]
+        if not self.open_clusters:  # the seed: a random cluster with blocks batches may come from
+            first = int(self._rng.choice(np.flatnonzero(usable)))
+            self.open_clusters.append(first)
+            closed.remove(first)
+        sim = graph.centroids @ graph.centroids.T
+        while closed and (len(self.open_clusters) < target or not usable[self.open_clusters].any()):
+            nearest = sim[np.ix_(closed, self.open_clusters)].max(axis=1)
+            pick = closed.pop(int(np.argmax(nearest)))
+            self.open_clusters.append(pick)
+        members = np.concatenate([graph.members[j] for j in self.open_clusters])
+        return members if self.allowed is None else members[self.allowed[members]]
+
     def next_batch(self) -> np.ndarray:
         """The next batch: (batch_size,) block indices from the current root's community."""
         if self._due():
             self._rebuild()
         graph = self.graphs[self.batches_drawn % len(self.graphs)]  # one graph per layer, in turn
+        if self.s.traversal == "grow":
+            members = self._grow(graph)
+            batch = members[self._rng.choice(len(members), self.batch_size, replace=len(members) < self.batch_size)]
+            self.batches_drawn += 1
+            self.path.append(self.open_clusters[-1])  # the newest open cluster
+            return batch.astype(np.int64, copy=False)
         root, prob = self._move_root(graph)
         self._root = root
         nbrs = graph.neighbours[root]
@@ -484,7 +524,8 @@ class ManifoldSampler(BatchStream):
                        "loss_ema": [None if np.isnan(x) else float(x) for x in self.loss_ema],
                        "forgetting": self.forgetting.tolist(),
                        "alignment": self.alignment.tolist(), "block_loss": self.m.block_loss,
-                       "visited": self.m.visited.astype(np.int64), "drawn": self.m.drawn}
+                       "visited": self.m.visited.astype(np.int64), "drawn": self.m.drawn,
+                       "open_clusters": list(self.open_clusters)}
         if self.vectors is not None:
             state["vectors"] = self.vectors
         for layer, x in self.acts.items():
@@ -510,6 +551,7 @@ class ManifoldSampler(BatchStream):
             self.vectors = np.asarray(state["vectors"], dtype=np.float32)
         self.acts = {int(layer): np.asarray(state[f"acts{layer}"], dtype=np.float32) for layer in state["layers"]}
         self.graphs = [ClusterGraph.from_state(state, f"g{i}_") for i in range(int(state["n_graphs"]))]
+        self.open_clusters = [int(j) for j in state.get("open_clusters", [])]
 
     def summary(self) -> dict:
         """What the run did to the manifold: 2-D snapshots at the start and now, the roots'
@@ -526,6 +568,8 @@ class ManifoldSampler(BatchStream):
             cos = np.sum(self.vectors * self.anchors, axis=1)
             out["vector_drift"] = round(float(cos.mean()), 4)
             out["vector_drift_p5"] = round(float(np.quantile(cos, 0.05)), 4)  # the 5% that moved most
+        if self.s.traversal == "grow":
+            out["open_order"] = list(self.open_clusters)
         if self.s.traversal == "bandit":
             out["bandit_policy"] = np.round(self.bandit.policy(self._active()), 4).tolist() if self.graphs else []
         return out

@@ -443,8 +443,8 @@ class ManifoldConfig(Section):
 
     space: Literal["activation", "learned"] = "activation"
     """What the graph is built over: `activation` (each block's mean hidden state at `manifold.layers`) or `learned` (a vector per block, starting at its embedding, moved towards blocks whose gradients align with its own)."""
-    traversal: Literal["walk", "aligned", "bandit"] = "walk"
-    """How the root cluster moves: `walk` (to a random neighbour), `aligned` (to a neighbour whose blocks' gradients align with the validation split's; needs `split.validation_fraction > 0`), or `bandit` (Exp3.S rewarded by learning progress minus forgetting)."""
+    traversal: Literal["walk", "aligned", "bandit", "grow"] = "walk"
+    """How the root cluster moves: `walk` (to a random neighbour), `aligned` (to a neighbour whose blocks' gradients align with the validation split's; needs `split.validation_fraction > 0`), `bandit` (Exp3.S rewarded by learning progress minus forgetting), or `grow` (no root: an open region starts at one cluster and grows along the graph, nearest cluster first, until all are open after `manifold.grow_fraction` of the training; batches are drawn uniformly from it)."""
     layers: list[int] = [-1]
     """Hidden-state layers of the activation space (-1 = the last); several give one graph per layer, used in turn (a `walk` or `aligned` traversal only)."""
     clusters: int = Field(default=32, ge=2)
@@ -473,6 +473,8 @@ class ManifoldConfig(Section):
     """`bandit`: share of the policy spread uniformly over the clusters."""
     forget_weight: float = Field(default=1.0, ge=0.0)
     """`bandit`: weight of the forgetting penalty against the learning progress."""
+    grow_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    """`grow`: share of the training's steps over which the open region grows from one cluster to all of them."""
 
     @field_validator("layers")
     @classmethod
@@ -485,16 +487,17 @@ class ManifoldConfig(Section):
 
     @model_validator(mode="after")
     def _per_layer(self) -> "ManifoldConfig":
-        if len(self.layers) > 1 and (self.space != "activation" or self.traversal == "bandit"):
+        if len(self.layers) > 1 and (self.space != "activation" or self.traversal in ("bandit", "grow")):
             raise ValueError(f"several layers ({self.layers}: one graph per layer) need `space: activation` and a "
                              f"`walk` or `aligned` traversal, not space {self.space!r} with {self.traversal!r}")
         return self
 
-    def settings(self):
-        """The plain settings `curriculum.manifold.ManifoldSampler` takes."""
+    def settings(self, total_batches: int | None = None):
+        """The plain settings `curriculum.manifold.ManifoldSampler` takes; `total_batches`, the
+        training's batches (steps x accumulation), is what `grow` spreads its growth over."""
         from curriculum.manifold import ManifoldSettings
 
-        return ManifoldSettings(**{**self.model_dump(), "layers": tuple(self.layers)})
+        return ManifoldSettings(**{**self.model_dump(), "layers": tuple(self.layers)}, total_batches=total_batches)
 
 
 class SweepConfig(Section):

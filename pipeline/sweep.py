@@ -240,7 +240,8 @@ def train_and_score(cfg: NucleusConfig, world: TrialWorld) -> float:
         settings = relora_settings(cfg, settings)
     model.to(device)
     torch.manual_seed(cfg.seed)
-    manifold = {**world.manifold, "settings": cfg.manifold.settings()}  # the trial's own manifold keys
+    manifold = {**world.manifold,  # the trial's own manifold keys
+                "settings": cfg.manifold.settings(total_batches=settings.steps * settings.grad_accum)}
     fit(model, world.blocks, lambda: iter(make_sampler(t.sampler, world.blocks.topics, t.batch_size, world.graph,
                                                        t.community_k, cfg.seed, manifold)),
         settings, device, desc="sweep trial")

@@ -409,6 +409,9 @@ def _fit(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer, 
     settings = fit_settings(cfg, steps, t.lr if kind == "full" else cfg.lora.lr, device, replay is not None)
     if uses_relora(cfg, kind):
         settings = relora_settings(cfg, settings)
+    if manifold is not None:  # `grow` spreads its growth over the training's batches
+        manifold = {**manifold, "settings": dataclasses.replace(manifold["settings"],
+                                                                total_batches=settings.steps * settings.grad_accum)}
     checkpoints = ws.root / "checkpoints" / nb.id
     tag = section_hash(cfg, stage_sections(cfg, nb.id))  # a checkpoint resumes only the same training
     start = checkpoint_step(checkpoints, tag) if resume else None

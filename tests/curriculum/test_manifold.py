@@ -106,10 +106,12 @@ SETTINGS = [ManifoldSettings(space="activation", layers=(-1,), clusters=4, k=2, 
             ManifoldSettings(space="activation", layers=(1, 2), clusters=4, k=2, rebuild_every=4),
             ManifoldSettings(space="learned", traversal="aligned", clusters=4, k=2, rebuild_every=4,
                              update_blocks=32),
-            ManifoldSettings(space="activation", traversal="bandit", clusters=4, k=2, rebuild_every=4)]
+            ManifoldSettings(space="activation", traversal="bandit", clusters=4, k=2, rebuild_every=4),
+            ManifoldSettings(space="activation", traversal="grow", clusters=4, k=2, rebuild_every=4,
+                             grow_fraction=0.75, total_batches=16)]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=["activation", "per-layer", "learned-aligned", "bandit"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["activation", "per-layer", "learned-aligned", "bandit", "grow"])
 def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_one_does(tmp_path, settings):
     """Through the real training loop: the manifold is rebuilt from the model every 4 batches;
     a run stopped at step 10 and resumed from its checkpoint draws the same batches, ends with
@@ -156,6 +158,35 @@ def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_
     assert set(summary["snapshots"]) == {"start", "end"} and len(summary["path"]) == 16
     if settings.space == "learned":
         assert summary["vector_drift"] < 1.0  # the outer update moved the vectors
+
+
+def test_grow_opens_the_manifold_outwards_from_one_cluster_and_draws_only_from_what_is_open():
+    """Constructed: six tight groups of blocks on an arc, 30 degrees apart (group g at angle 30 g).
+    The open region starts at one cluster and each new one is the nearest to it, so the groups
+    it holds are always a contiguous stretch of the arc; one more cluster opens per batch (6 over
+    half of 10 batches); every batch comes from the open blocks only; at the end all are open."""
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(6), 20)
+    angles = np.radians(30.0 * group) + rng.normal(scale=0.01, size=len(group))
+    vectors = np.stack([np.cos(angles), np.sin(angles), 0.01 * rng.normal(size=len(group))], 1).astype(np.float32)
+
+    def features(idx, with_grads):
+        return {"acts": {-1: vectors[idx]}, "losses": np.zeros(len(idx))}
+
+    settings = ManifoldSettings(traversal="grow", clusters=6, k=2, rebuild_every=100, grow_fraction=0.5,
+                                total_batches=10)
+    sampler = ManifoldSampler(group, 4, settings, seed=5)
+    sampler.attach(features)
+    for t in range(10):
+        batch = sampler.next_batch()
+        graph = sampler.graphs[0]
+        assert len(sampler.open_clusters) == min(6, t + 1)
+        now = sorted({int(g) for c in sampler.open_clusters for g in group[graph.members[c]]})
+        assert now == list(range(now[0], now[0] + len(now)))  # a contiguous stretch of the arc
+        assert set(group[batch].tolist()) <= set(now)  # drawn from the open region only
+    assert now == list(range(6)) and sampler.summary()["open_order"] == sampler.open_clusters
+    with pytest.raises(ValueError, match="total_batches"):
+        ManifoldSampler(group, 4, ManifoldSettings(traversal="grow"))
 
 
 def test_bad_settings_are_refused():

@@ -404,6 +404,19 @@ def test_the_manifold_sampler_trains_an_adapter_and_the_report_draws_its_manifol
     assert "manifold-topic-2.png" in plots and (trained_run_copy / "reports" / "manifold-topic-2.png").stat().st_size
 
 
+def test_the_grow_traversal_spreads_its_growth_over_the_stages_steps(trained_run_copy):
+    """`manifold.traversal: grow` through the stage: the stage tells the sampler how many batches
+    the training draws, so the open region holds every cluster from `grow_fraction` of them on."""
+    ws = Workspace(trained_run_copy)
+    cfg = _cfg(ws, "train.sampler=manifold", "manifold.traversal=grow", "manifold.grow_fraction=0.5",
+               "manifold.clusters=4", "manifold.rebuild_every=4", "lora.steps=12")
+    assert train.run(cfg, ws, "topic-2").steps == 12
+    summary = json.loads((trained_run_copy / "logs" / "manifold-topic-2.json").read_text())
+    assert summary["traversal"] == "grow" and sorted(summary["open_order"]) == [0, 1, 2, 3]
+    # one more cluster per 2 batches (3 more over 6): the newest open cluster of each batch
+    assert [len(set(summary["path"][:i + 1])) for i in range(0, 12, 2)] == [1, 2, 3, 4, 4, 4]
+
+
 def test_the_aligned_traversal_without_a_validation_split_says_what_is_missing(trained_run_copy):
     """A run indexed without a validation split (its split column holds train and heldout only)
     has no probe for `manifold.traversal: aligned`: a UserError names the key and the fix, and
