@@ -35,6 +35,20 @@ def _joint(seed: int = 0):
     return model
 
 
+def _moved_adapter():
+    """A peft model with one moved rank-2 adapter, and its LoRA layers by module name."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny_lm(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model, {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
 def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -108,16 +122,7 @@ def test_tied_neighbourhoods_train_one_expert_and_are_served_as_one():
 
 
 def test_a_merge_against_a_finished_adapter_averages_that_layer_only():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(_tiny_lm(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    mine = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    model, mine = _moved_adapter()
     other = LoraFactors("nb-old", 2, 2.0)
     for name, m in mine.items():  # the finished adapter: layer 0 equal to ours, layer 1 opposite
         a, b = (t.detach().clone() for t in factors(m, "default"))
@@ -245,16 +250,7 @@ def test_adapter_scope_ties_whole_neighbourhoods_most_compatible_first_down_to_k
 
 
 def test_adapter_scope_against_finished_adapters_merges_every_layer_or_none():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(_tiny_lm(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    mine = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    model, mine = _moved_adapter()
     half = LoraFactors("nb-half", 2, 2.0)  # layer 0 equal to ours, layer 1 opposite: fails at layer 1
     same = LoraFactors("nb-same", 2, 2.0)  # equal at every layer
     for name, m in mine.items():
