@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile in hf_trainer and the nucleus arms")
     p.add_argument("--arms", nargs="+", default=None,
                    help="a subset of the arms (default all; hf_trainer, nucleus_uniform and nucleus_eager "
-                        "are always run: the ratios need them)")
+                        "are always run: the ratios need them); the named arms run first, in the order given")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     if args.steps % args.skip or args.steps <= args.skip:
@@ -233,7 +233,8 @@ def main() -> None:
         if unknown:
             p.error(f"--arms: unknown {sorted(unknown)}; choose from {list(arms)}")
         keep = {"hf_trainer", "nucleus_uniform", "nucleus_eager", *args.arms}
-        arms = {k: v for k, v in arms.items() if k in keep}
+        # the named arms first, in the order given (a run cut short still has them), then the rest
+        arms = {k: arms[k] for k in dict.fromkeys([*args.arms, *arms]) if k in keep}
     else:
         for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn"):
             arms.pop(opt_in)
