@@ -31,7 +31,8 @@ walks a graph that is rebuilt from the model being trained:
     each batch is drawn uniformly from the open region's blocks (the nucleus arm's expanding
     window, on the model's own graph instead of the topic graph). The runs of RESULTS.md
     section 11 found that the narrower and more topical a batch, the worse; this keeps batches
-    mixed and lets the manifold decide only the order in which the corpus opens.
+    mixed and lets the manifold decide only the order in which the corpus opens. Once all is
+    open it stops rebuilding (the measuring is the sampler's cost).
 
 The sampler reads the model through `attach` (the training loop calls it) and the per-block
 training losses through `observe`; `state_dict` holds everything its stream depends on (vectors,
@@ -477,7 +478,8 @@ class ManifoldSampler(BatchStream):
 
     def next_batch(self) -> np.ndarray:
         """The next batch: (batch_size,) block indices from the current root's community."""
-        if self._due():
+        grown = self.s.traversal == "grow" and self.graphs and len(self.open_clusters) == len(self.graphs[0].centroids)
+        if self._due() and not grown:  # once all is open, `grow` has no use for another rebuild
             self._rebuild()
         graph = self.graphs[self.batches_drawn % len(self.graphs)]  # one graph per layer, in turn
         if self.s.traversal == "grow":

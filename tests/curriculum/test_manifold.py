@@ -185,6 +185,11 @@ def test_grow_opens_the_manifold_outwards_from_one_cluster_and_draws_only_from_w
         assert now == list(range(now[0], now[0] + len(now)))  # a contiguous stretch of the arc
         assert set(group[batch].tolist()) <= set(now)  # drawn from the open region only
     assert now == list(range(6)) and sampler.summary()["open_order"] == sampler.open_clusters
+    sampler.s.rebuild_every = 2  # once everything is open, no rebuild (the measuring is the cost)
+    builds = sampler.builds
+    for _ in range(6):
+        sampler.next_batch()
+    assert sampler.builds == builds
     with pytest.raises(ValueError, match="total_batches"):
         ManifoldSampler(group, 4, ManifoldSettings(traversal="grow"))
 
