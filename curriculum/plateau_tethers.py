@@ -425,15 +425,19 @@ class ApartTethers(_Tethers):
         return [(other.modules[n][0].to(device), other.modules[n][1].to(device), other.scale)
                 for n in self.layers[layer]]
 
+    def _compat(self, layer: str) -> list[float]:
+        """The training adapter's compatibility at `layer` with each finished one, in order."""
+        mine = self._tether(layer)
+        device = mine[0][0].device
+        return [delta_cosine(mine, self._other(o, layer, device)) for o in self.others]
+
     @torch.no_grad()
     def check(self, step: int, opt) -> None:
         if self.s.scope == "adapter":
             self._check_adapter(step, opt)
             return
         for layer in self.layers:
-            mine = self._tether(layer)
-            device = mine[0][0].device
-            scored = [(delta_cosine(mine, self._other(o, layer, device)), o) for o in self.others]
+            scored = list(zip(self._compat(layer), self.others))
             best = max(scored, key=lambda t: t[0]) if scored else None
             for c, o in scored:
                 decision = "apart"
@@ -447,11 +451,7 @@ class ApartTethers(_Tethers):
     def _check_adapter(self, step: int, opt) -> None:
         """`scope: adapter`: merge every layer with the finished adapter whose smallest
         compatibility over the layers is the highest, if that passes the threshold (one merge)."""
-        scores = {}
-        for layer in self.layers:
-            mine = self._tether(layer)
-            device = mine[0][0].device
-            scores[layer] = [delta_cosine(mine, self._other(o, layer, device)) for o in self.others]
+        scores = {layer: self._compat(layer) for layer in self.layers}
         worst = [min(scores[layer][i] for layer in self.layers) for i in range(len(self.others))]
         best = int(np.argmax(worst)) if worst else None
         decision = "apart"
