@@ -130,14 +130,13 @@ def model_seconds(embedder, texts: list[str], batch_size: int, sync: Callable[[]
     path's speed, the host (tokenisation) bounds it; close to it, the model does, and no pool helps."""
     import torch
 
-    from retrieval.embed import TOKENS_PER_PASSAGE, _as_tensor, _token_budget_batches
+    from retrieval.embed import TOKENS_PER_PASSAGE, _as_tensors, _token_budget_batches
 
     device = torch.device(embedder.device)
     pin = device.type == "cuda"
     prepare = embedder._prepare or embedder._features_fn(texts[:64])
     batches = _token_budget_batches(texts, batch_size * TOKENS_PER_PASSAGE)
-    feats = [{k: _as_tensor(v, pin) if isinstance(v, torch.Tensor | np.ndarray) else v
-              for k, v in prepare([texts[i] for i in b]).items()} for b in batches]
+    feats = [_as_tensors(prepare([texts[i] for i in b]), pin) for b in batches]
     embedder.model.eval()
     sync()
     t0 = time.perf_counter()

@@ -140,9 +140,8 @@ class Embedder:
         copied through pinned memory on a GPU)."""
         import torch
 
-        pin = device.type == "cuda"
-        feats = {k: (_as_tensor(v, pin).to(device, non_blocking=True) if isinstance(v, torch.Tensor | np.ndarray)
-                     else v) for k, v in feats.items()}
+        feats = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in _as_tensors(feats, device.type == "cuda").items()}
         with torch.inference_mode():
             emb = self.model(feats)["sentence_embedding"]
         return torch.nn.functional.normalize(emb.float(), p=2, dim=1)
@@ -169,12 +168,8 @@ class Embedder:
             else:
                 self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="nucleus-tokenize")
         if isinstance(self._pool, ThreadPoolExecutor):  # pinned in the thread too, off the main one
-            import torch
-
             pin = self.device.startswith("cuda")
-            return lambda batch: self._pool.submit(lambda: {
-                k: _as_tensor(v, pin) if isinstance(v, np.ndarray | torch.Tensor) else v
-                for k, v in prepare(batch).items()})
+            return lambda batch: self._pool.submit(lambda: _as_tensors(prepare(batch), pin))
         _, fields, extra = spec
         return lambda batch: self._pool.submit(_tokenize_in_worker, batch, fields, extra)
 
@@ -250,12 +245,18 @@ def _tokenize_in_worker(batch: list[str], fields: dict[str, str], extra: dict) -
     return {**_features(_WORKER_TOKENIZER, batch, fields), **extra}
 
 
-def _as_tensor(v, pin: bool):
-    """A feature as a CPU tensor, in pinned memory for an asynchronous copy to the GPU."""
+def _as_tensors(feats: dict, pin: bool) -> dict:
+    """A batch's features with every array as a CPU tensor, in pinned memory for an asynchronous
+    copy to the GPU when `pin`; the other features (e.g. modality) as they are."""
     import torch
 
-    t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-    return t.pin_memory() if pin and not t.is_pinned() else t
+    out = {}
+    for k, v in feats.items():
+        if isinstance(v, np.ndarray | torch.Tensor):
+            v = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            v = v.pin_memory() if pin and not v.is_pinned() else v
+        out[k] = v
+    return out
 
 
 def _token_budget_batches(texts: list[str], budget: int) -> list[np.ndarray]:
