@@ -177,6 +177,8 @@ CASES = [
     Case("manifold-layers-twice", ["train", *R, "--set", "manifold.layers=[1,1]"], ("`manifold.layers`", "twice")),
     Case("manifold-layers-with-bandit", ["train", *R, "--set", "manifold.layers=[1,2]", "--set",
                                          "manifold.traversal=bandit"], ("`manifold`", "several layers", "'bandit'")),
+    Case("manifold-layers-with-grow", ["train", *R, "--set", "manifold.layers=[1,2]", "--set",
+                                       "manifold.traversal=grow"], ("`manifold`", "several layers", "'grow'")),
     *[Case(f"manifold-{key.replace('_', '-')}-{value}", ["train", *R, "--set", f"manifold.{key}={value}"],
            (f"`manifold.{key}`", value))
       for key, value in (("clusters", "1"), ("k", "0"), ("community_k", "-1"), ("rebuild_every", "0"),
