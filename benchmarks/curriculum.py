@@ -25,10 +25,11 @@ from the bundle's centroids by the product's builder: `graph=knn,graph_k=10` or
 traversal on a graph rebuilt from the model being trained (`curriculum.manifold`):
 `manifold:space=activation` (default; `layers=each` for one graph per hidden layer, `layers=N`
 for layer N), `space=learned` (block vectors from the bundle's block embeddings, moved by
-gradient alignment), `traversal=walk|aligned|bandit|grow` (`aligned` reads the bundle's validation
-split as its probe; `grow` opens the manifold from one cluster outwards, all of it after `grow=F`
-of the steps, default 0.5, batches drawn uniformly from what is open), and `clusters`, `k`, `community_k`, `rebuild`, `refresh`, `prefix` as the
-`manifold` config section names them; its rebuilds are the arm's overhead. Any arm may also
+gradient alignment), `traversal=walk|aligned|bandit|grow` (`aligned` reads the bundle's
+validation split as its probe; `grow` opens the manifold from one cluster outwards, all of it
+after `grow=F` of the steps, default 0.5, batches drawn uniformly from what is open), and
+`clusters`, `k`, `community_k`, `rebuild`, `refresh`, `prefix` as the `manifold` config section
+names them; its rebuilds are the arm's overhead. Any arm may also
 grow its model another way (`pipeline/relora.py`): `growth=relora,rank=64,every=100` (ReLoRA:
 a LoRA plus embeddings and norms, merged into the weights and restarted every `every` steps, the
 learning rate re-warmed; `warm=N` trains every weight for the first N steps, the paper's warm start) or `growth=lora,rank=64` (the same LoRA, never merged); each row then

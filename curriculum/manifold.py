@@ -468,9 +468,8 @@ class ManifoldSampler(BatchStream):
             first = int(self._rng.choice(np.flatnonzero(usable)))
             self.open_clusters.append(first)
             closed.remove(first)
-        sim = graph.centroids @ graph.centroids.T
         while closed and (len(self.open_clusters) < target or not usable[self.open_clusters].any()):
-            nearest = sim[np.ix_(closed, self.open_clusters)].max(axis=1)
+            nearest = (graph.centroids[closed] @ graph.centroids[self.open_clusters].T).max(axis=1)
             pick = closed.pop(int(np.argmax(nearest)))
             self.open_clusters.append(pick)
         members = np.concatenate([graph.members[j] for j in self.open_clusters])
