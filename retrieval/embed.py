@@ -61,9 +61,12 @@ class Embedder:
             dtype = "float16" if self.device.startswith("cuda") else "float32"
         self.dtype = dtype
         self._prepare = None  # encode_pipelined's tokenisation, chosen at its first call
-        self.tokenize_pool = tokenize_pool or TOKENIZE_POOL
-        if self.tokenize_pool not in ("thread", "process"):
-            raise ValueError(f"tokenize_pool must be 'thread' or 'process', got {self.tokenize_pool!r}")
+        pool = tokenize_pool or TOKENIZE_POOL
+        if pool not in ("auto", "thread", "process"):
+            raise ValueError(f"tokenize_pool must be 'auto', 'thread' or 'process', got {pool!r}")
+        if pool == "auto":  # measured in benchmarks/RESULTS.md section 1, run 7 (GPU) and run 4 (CPU)
+            pool = "process" if self.device.startswith("cuda") else "thread"
+        self.tokenize_pool = pool
         self._pool = None  # the tokeniser's workers, started at the first pipelined call, kept
         # Always cast: a model saved in float16 loads as float16, which is slow on a CPU.
         self.model.to(getattr(torch, dtype))
@@ -149,13 +152,14 @@ class Embedder:
     def _submitter(self):
         """`submit(texts) -> Future` of the batch's features, on the embedder's pool (started once).
 
-        `thread` (the default, measured in RESULTS.md section 1): threads of this process; the
-        Rust tokeniser releases the GIL, so they tokenise in parallel, but turning its output
-        into arrays holds the GIL, and so does the main thread that drives the GPU. `process`:
+        `thread` (the default on a CPU): threads of this process; the Rust tokeniser releases
+        the GIL, so they tokenise in parallel, but turning its output into arrays holds the GIL,
+        and so does the main thread that drives the GPU. `process` (the default on a GPU):
         worker processes, each with a copy of the Rust tokeniser, return the features as arrays,
-        so nothing of tokenisation holds this process's GIL; whether that is faster on a GPU
-        host is for `benchmarks/embed_throughput.py --other-pool` to say (the model's own
-        `preprocess`, when the fast path does not apply, always runs in threads here)."""
+        so nothing of tokenisation holds this process's GIL; on an H100 host that took the
+        pipelined path from 14.5k to 16.4k passages/s (RESULTS.md section 1, run 7). On a CPU the
+        model needs the cores the workers would take, so threads stay. The model's own
+        `preprocess`, when the fast path does not apply, always runs in threads here."""
         prepare = self._prepare
         spec = getattr(prepare, "worker_spec", None)  # (tokenizer JSON, fields, extra) of the fast path
         if self._pool is None:
@@ -218,7 +222,7 @@ class Embedder:
 
 TOKENS_PER_PASSAGE = 128  # the token budget of a batch is batch_size x this
 TOKENIZE_THREADS = max(1, min(8, (os.cpu_count() or 1) - 1))  # workers; one core left to drive the GPU
-TOKENIZE_POOL = "thread"  # or "process": where encode_pipelined tokenises (Embedder._submitter)
+TOKENIZE_POOL = "auto"  # where encode_pipelined tokenises (Embedder._submitter): process on a GPU, else thread
 
 
 def _features(tokenizer, batch: list[str], fields: dict[str, str]) -> dict[str, np.ndarray]:
