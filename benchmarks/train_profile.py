@@ -79,7 +79,10 @@ def main() -> None:
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         # on_batch runs before each micro-batch: one profiler step per optimizer step here
         fit(model, blocks, sampler, settings, device, on_batch=lambda idx: prof.step(), desc="profile")
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # the profiler's own step annotations (`ProfilerStep#N`) also appear on the GPU's timeline,
+    # each spanning a whole step: they are not kernels and would count every step twice
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith("ProfilerStep")]
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     for e in kernels:

@@ -5,8 +5,9 @@ same optimizer (AdamW, cosine schedule, warm-up, clipping), same number of steps
 alternately, each on a fresh copy of the model. Five arms:
 
   hf_trainer         transformers.Trainer over the blocks, given its best settings: bf16, fused
-                     AdamW, SDPA attention, no attention mask on full blocks, and with
-                     `--compile` its `torch_compile=True`
+                     AdamW, SDPA attention, no attention mask on full blocks, full batches only
+                     (no recompilation at an epoch's end), and with `--compile` its
+                     `torch_compile=True`
   nucleus_uniform    pipeline.trainer.fit with the uniform block sampler (with `--compile`,
                      `train.compile`: the training forward and loss compiled)
   nucleus_eager      the same, never compiled: what compilation buys
@@ -19,6 +20,9 @@ alternately, each on a fresh copy of the model. Five arms:
                      default (`flash`)
   nucleus_eager_seed1  (only with --arms) nucleus_eager on another batch order: the noise
                      floor for comparing loss curves
+  nucleus_tuned      (only with --arms) nucleus_uniform with inductor's coordinate-descent
+                     tuning of its Triton kernels (longer compilation; element-wise and norm
+                     kernels take about a quarter of a `base` step, train_profile.py)
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
 arm's loss curve (the compiled path must match the eager one), the graphs dynamo compiled in
@@ -61,7 +65,7 @@ from pipeline.trainer import FitSettings, fit  # noqa: E402
 from retrieval.corpus import split_wikitext_articles  # noqa: E402
 
 # arms that draw exactly nucleus_eager's batches: their loss curves must match its curve
-SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn")
+SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
@@ -149,7 +153,10 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
         save_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=device.type == "cpu",
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", torch_compile=args.compile,
-        dataloader_pin_memory=device.type == "cuda")
+        dataloader_pin_memory=device.type == "cuda",
+        # full batches only, as Nucleus's samplers draw them: a short last batch of an epoch would
+        # change the compiled graph's shapes and make Trainer recompile inside the timed steps
+        dataloader_drop_last=True)
     trainer = Trainer(model=model, args=targs, train_dataset=BlockDataset(), callbacks=[Clock()])
     trainer.train()
     curve = [float(r["loss"]) for r in trainer.state.log_history if "loss" in r]
@@ -157,7 +164,13 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
 
 
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
-                loss: str = "full", seed: int = 0, attention: str = "flash") -> tuple[float, list[float]]:
+                loss: str = "full", seed: int = 0, attention: str = "flash",
+                tuned: bool = False) -> tuple[float, list[float]]:
+    if tuned:  # inductor's config is read when the graph compiles, inside fit; patched for this arm alone
+        import torch._inductor.config as inductor
+
+        with inductor.patch(coordinate_descent_tuning=True):
+            return run_nucleus(model, blocks, args, device, bf16, sampler, graph, compiled, loss, seed, attention)
     # logged every `skip` steps, as the Trainer arm logs: the same host synchronisations
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
                            eval_every=10**9, checkpoint_every=10**9, log_every=args.skip,
@@ -227,6 +240,7 @@ def main() -> None:
         "nucleus_eager_seed1": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, False, seed=1),
         "nucleus_flash": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, attention="flash"),
         "nucleus_cudnn": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, attention="cudnn"),
+        "nucleus_tuned": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, tuned=True),
     }
     if args.arms:
         unknown = set(args.arms) - set(arms)
@@ -236,7 +250,7 @@ def main() -> None:
         # the named arms first, in the order given (a run cut short still has them), then the rest
         arms = {k: arms[k] for k in dict.fromkeys([*args.arms, *arms]) if k in keep}
     else:
-        for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn"):
+        for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned"):
             arms.pop(opt_in)
     for _ in range(args.warmup_runs):  # warm-up: compilation, kernels, allocator, tokenizer caches
         for fn in arms.values():
