@@ -80,11 +80,11 @@ from benchmarks._procs import run_all  # noqa: E402
 
 ARMS = ("uniform", "stratified", "odm", "nucleus", "community", "skillit", "manifold")
 NEEDS_TOPICS = {"stratified", "odm", "nucleus", "community", "skillit"}  # pay for embedding and clustering
-# manifold:space=...,traversal=...,layers=N|each,clusters=,k=,community_k=,rebuild=,refresh=,prefix=,grow=
-# (curriculum/manifold.py; rebuild = rebuild_every, prefix = prefix_tokens, grow = grow_fraction; the rest
-# as named there)
+# manifold:space=...,traversal=...,layers=N|each,clusters=,k=,community_k=,rebuild=,refresh=,prefix=,grow=,
+# order= (curriculum/manifold.py; rebuild = rebuild_every, prefix = prefix_tokens, grow = grow_fraction,
+# order = grow_order; the rest as named there)
 MANIFOLD_PARAMS = {"space", "traversal", "layers", "clusters", "k", "community_k", "rebuild", "refresh", "prefix",
-                   "grow"}
+                   "grow", "order"}
 PROBE_MAX_BLOCKS = 128  # the manifold's probe: validation tokens packed into at most this many blocks
 GRAPH_PARAMS = {"graph", "graph_k", "graph_p"}  # another topic graph than the bundle's, built from its centroids
 PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and learning progress
@@ -289,14 +289,14 @@ def manifold_context(params: dict, model, block_vectors: np.ndarray | None = Non
     """A `manifold:` arm's settings (its parameters over the product's defaults), the blocks'
     embeddings (the learned space's start) and `probe()`, the aligned traversal's probe blocks.
     `layers=each`: one graph per hidden layer; `layers=N`: layer N; `grow=F`: the `grow`
-    traversal's `grow_fraction` of the run's `total_batches`."""
+    traversal's `grow_fraction` of the run's `total_batches`; `order=random`: its `grow_order`."""
     from curriculum.manifold import ManifoldSettings
 
     layers = params.get("layers", -1)
     layers = tuple(range(1, model.config.num_hidden_layers + 1)) if layers == "each" else (int(layers),)
     named = {"space": str, "traversal": str, "clusters": int, "k": int, "community_k": int,
-             "rebuild": int, "refresh": float, "prefix": int, "grow": float}
-    renamed = {"rebuild": "rebuild_every", "prefix": "prefix_tokens", "grow": "grow_fraction"}
+             "rebuild": int, "refresh": float, "prefix": int, "grow": float, "order": str}
+    renamed = {"rebuild": "rebuild_every", "prefix": "prefix_tokens", "grow": "grow_fraction", "order": "grow_order"}
     sets = {renamed.get(key, key): cast(params[key]) for key, cast in named.items() if key in params}
     settings = ManifoldSettings(**sets, layers=layers, total_batches=total_batches)
     if settings.space == "learned" and block_vectors is None:

@@ -32,7 +32,9 @@ walks a graph that is rebuilt from the model being trained:
     window, on the model's own graph instead of the topic graph). The runs of RESULTS.md
     section 11 found that the narrower and more topical a batch, the worse; this keeps batches
     mixed and lets the manifold decide only the order in which the corpus opens. Once all is
-    open it stops rebuilding (the measuring is the sampler's cost).
+    open it stops rebuilding (the measuring is the sampler's cost). `grow_order: random` opens
+    the same clusters on the same schedule in a random order: the control that says what the
+    manifold's order adds to the growing window itself.
 
 The sampler reads the model through `attach` (the training loop calls it) and the per-block
 training losses through `observe`; `state_dict` holds everything its stream depends on (vectors,
@@ -54,6 +56,7 @@ from curriculum.samplers import BatchStream, _check
 
 SPACES = ("activation", "learned")
 TRAVERSALS = ("walk", "aligned", "bandit", "grow")
+GROW_ORDERS = ("nearest", "random")
 
 # (indices of blocks) -> {"acts": {layer: (n, d)}, "grads": (n, f), "losses": (n,)}; see block_signals
 Features = Callable[[np.ndarray, bool], dict]
@@ -81,6 +84,7 @@ class ManifoldSettings:
     bandit_share: float = 0.01
     forget_weight: float = 1.0
     grow_fraction: float = 0.5  # grow: the share of the run over which the open region reaches everything
+    grow_order: str = "nearest"  # grow: the next cluster to open: nearest to the open region, or random (the control)
     total_batches: int | None = None  # grow: the run's batches (the training loop's steps x accumulation)
 
     def __post_init__(self):
@@ -90,6 +94,8 @@ class ManifoldSettings:
             raise ValueError("several layers (one graph per layer) need space 'activation' and a walk")
         if not 0.0 < self.grow_fraction <= 1.0:
             raise ValueError(f"grow_fraction must be in (0, 1], got {self.grow_fraction}")
+        if self.grow_order not in GROW_ORDERS:
+            raise ValueError(f"grow_order must be one of {GROW_ORDERS}, got {self.grow_order!r}")
 
 
 # ------------------------------------------------------------------------------ the graph
@@ -469,8 +475,11 @@ class ManifoldSampler(BatchStream):
             self.open_clusters.append(first)
             closed.remove(first)
         while closed and (len(self.open_clusters) < target or not usable[self.open_clusters].any()):
-            nearest = (graph.centroids[closed] @ graph.centroids[self.open_clusters].T).max(axis=1)
-            pick = closed.pop(int(np.argmax(nearest)))
+            if self.s.grow_order == "random":  # the control: same clusters and schedule, no manifold order
+                pick = closed.pop(int(self._rng.integers(len(closed))))
+            else:
+                nearest = (graph.centroids[closed] @ graph.centroids[self.open_clusters].T).max(axis=1)
+                pick = closed.pop(int(np.argmax(nearest)))
             self.open_clusters.append(pick)
         members = np.concatenate([graph.members[j] for j in self.open_clusters])
         return members if self.allowed is None else members[self.allowed[members]]

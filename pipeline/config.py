@@ -475,6 +475,8 @@ class ManifoldConfig(Section):
     """`bandit`: weight of the forgetting penalty against the learning progress."""
     grow_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     """`grow`: share of the training's steps over which the open region grows from one cluster to all of them."""
+    grow_order: Literal["nearest", "random"] = "nearest"
+    """`grow`: which closed cluster opens next: the `nearest` to the open region (centroid cosine), or a `random` one (the control: the same growing window without the manifold's order)."""
 
     @field_validator("layers")
     @classmethod

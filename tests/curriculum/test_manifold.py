@@ -160,6 +160,37 @@ def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_
         assert summary["vector_drift"] < 1.0  # the outer update moved the vectors
 
 
+def test_grow_in_random_order_opens_the_same_clusters_on_the_same_schedule_but_not_outwards():
+    """The control for `grow`: on the arc of the test below, `grow_order: random` opens one more
+    cluster per batch as `nearest` does and ends with all open, but the open groups are not
+    always a contiguous stretch of the arc (the manifold's order is what it leaves out)."""
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(6), 20)
+    angles = np.radians(30.0 * group) + rng.normal(scale=0.01, size=len(group))
+    vectors = np.stack([np.cos(angles), np.sin(angles), 0.01 * rng.normal(size=len(group))], 1).astype(np.float32)
+
+    def features(idx, with_grads):
+        return {"acts": {-1: vectors[idx]}, "losses": np.zeros(len(idx))}
+
+    contiguous = []
+    for seed in range(4):
+        settings = ManifoldSettings(traversal="grow", grow_order="random", clusters=6, k=2, rebuild_every=100,
+                                    grow_fraction=0.5, total_batches=10)
+        sampler = ManifoldSampler(group, 4, settings, seed=seed)
+        sampler.attach(features)
+        for t in range(10):
+            batch = sampler.next_batch()
+            graph = sampler.graphs[0]
+            assert len(sampler.open_clusters) == min(6, t + 1)  # the schedule of `nearest`
+            now = sorted({int(g) for c in sampler.open_clusters for g in group[graph.members[c]]})
+            assert set(group[batch].tolist()) <= set(now)  # still only from the open region
+            contiguous.append(now == list(range(now[0], now[0] + len(now))))
+        assert now == list(range(6))
+    assert not all(contiguous)
+    with pytest.raises(ValueError, match="grow_order"):
+        ManifoldSettings(traversal="grow", grow_order="farthest")
+
+
 def test_grow_opens_the_manifold_outwards_from_one_cluster_and_draws_only_from_what_is_open():
     """Constructed: six tight groups of blocks on an arc, 30 degrees apart (group g at angle 30 g).
     The open region starts at one cluster and each new one is the nearest to it, so the groups

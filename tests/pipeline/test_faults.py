@@ -185,7 +185,7 @@ CASES = [
                          ("refresh", "0"), ("refresh", "1.5"), ("prefix_tokens", "1"), ("vector_lr", "-1"),
                          ("vector_anchor", "-1"), ("update_blocks", "1"), ("temperature", "0"), ("bandit_lr", "0"),
                          ("bandit_explore", "0"), ("forget_weight", "-1"), ("grow_fraction", "0"),
-                         ("grow_fraction", "1.5"))],
+                         ("grow_fraction", "1.5"), ("grow_order", "farthest"))],
     # tethers during training
     Case("tethers-during-not-a-bool", ["train", *R, "-n", "{other}", "--set", "tethers.during=maybe"],
          ("`tethers.during`", "'maybe'")),
