@@ -7,7 +7,7 @@ matrix products, attention, Triton kernels (inductor's fused element-wise, norm 
 the optimizer and the rest. The share of attention and of element-wise work says which
 change can pay; `--attention` picks the attention kernel as `FitSettings.attention` does.
 
-    python3 benchmarks/train_profile.py --preset base --batch-size 64 --block-size 1024 --attention flash
+    python3 benchmarks/train_profile.py --preset base --batch-size 64 --block-size 1024 --attention auto
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--block-size", type=int, default=1024)
-    p.add_argument("--attention", default="flash", choices=["flash", "cudnn"])
+    p.add_argument("--attention", default="auto", choices=["auto", "flash", "cudnn"])
     p.add_argument("--eager", action="store_true")
     p.add_argument("--wait", type=int, default=12, help="micro-steps before profiling (compilation, warm-up)")
     p.add_argument("--active", type=int, default=4, help="micro-steps profiled")

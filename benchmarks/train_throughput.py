@@ -15,9 +15,9 @@ alternately, each on a fresh copy of the model. Five arms:
                      nucleus_uniform)
   nucleus_chunked    nucleus_uniform with `train.loss: chunked` (no (tokens x vocab) logits kept)
   nucleus_flash, nucleus_cudnn  (only with --arms) nucleus_uniform with the attention kernel
-                     forced (`FitSettings.attention`): FlashAttention-2 first (PyTorch's default
-                     order) or cuDNN's fused attention first; nucleus_uniform takes the
-                     default (`flash`)
+                     forced (`FitSettings.attention`): FlashAttention-2 first or cuDNN's fused
+                     attention first; nucleus_uniform takes PyTorch's own order (`auto`, which
+                     ran cuDNN's kernels with PyTorch 2.11 on an H100)
   nucleus_eager_seed1  (only with --arms) nucleus_eager on another batch order: the noise
                      floor for comparing loss curves
   nucleus_tuned      (only with --arms) nucleus_uniform with inductor's coordinate-descent
@@ -164,7 +164,7 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
 
 
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
-                loss: str = "full", seed: int = 0, attention: str = "flash",
+                loss: str = "full", seed: int = 0, attention: str = "auto",
                 tuned: bool = False) -> tuple[float, list[float]]:
     if tuned:  # inductor's config is read when the graph compiles, inside fit; patched for this arm alone
         import torch._inductor.config as inductor

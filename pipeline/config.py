@@ -218,8 +218,8 @@ class TrainConfig(Section):
     """ReLoRA: steps of full-rank training before the first cycle (the paper's warm start; 0 = none)."""
     loss: Literal["full", "chunked"] = "full"
     """Training loss: `full` (the model's own: logits for every position) or `chunked` (the output layer and cross-entropy a few thousand positions at a time, recomputed in the backward pass: no (tokens x vocab) tensor is kept; Llama-style models)."""
-    attention: Literal["flash", "cudnn"] = "flash"
-    """Attention kernel of the training step on a GPU: `flash` (FlashAttention-2 first, PyTorch's default order) or `cudnn` (cuDNN's fused attention first; not yet measured here to be faster); ignored on CPU."""
+    attention: Literal["auto", "flash", "cudnn"] = "auto"
+    """Attention kernel of the training step on a GPU: `auto` (PyTorch's own order; PyTorch 2.11 on an H100 runs cuDNN's fused attention), `flash` (FlashAttention-2 first) or `cudnn` (cuDNN's fused attention first); ignored on CPU."""
     eval_batch_size: int = Field(default=16, ge=1)
     """Held-out passages per evaluation batch."""
     tensorboard: bool = False

@@ -58,7 +58,7 @@ class FitSettings:
     autocast_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the training forward (and its loss); evaluation stays eager
     loss: str = "full"  # "full" (the model's own) or "chunked" (pipeline/loss.py)
-    attention: str = "flash"  # SDPA kernel order on CUDA: "flash" (PyTorch's default) or "cudnn" first
+    attention: str = "auto"  # SDPA kernel order on CUDA: PyTorch's own ("auto"), or "flash" / "cudnn" first
     relora_every: int | None = None  # ReLoRA (pipeline/relora.py): merge and restart the adapter every N steps
     relora_warmup: int = 20
     relora_prune: float = 0.99
@@ -84,26 +84,28 @@ def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-ATTENTION_KERNELS = ("flash", "cudnn")
+ATTENTION_KERNELS = ("auto", "flash", "cudnn")
 
 
 def attention_context(kind: str, device: torch.device):
     """The scaled-dot-product-attention kernels the training forward may use, best first.
 
-    `flash` is PyTorch's default order (FlashAttention-2 first). `cudnn` puts cuDNN's fused
-    attention first, which on Hopper GPUs uses the chip's own instructions; whether it is faster
-    for these models is for `benchmarks/train_throughput.py --arms nucleus_cudnn` to say
-    (RESULTS.md section 3), so it is not the default. The choice is made when the forward is
-    traced, so `fit` wraps every call of the (compiled or eager) forward in it."""
+    `auto` leaves PyTorch's own order, which depends on its version and the GPU: PyTorch 2.11
+    on an H100 ran cuDNN's fused attention (RESULTS.md section 3, from the profile's kernel
+    names). `flash` puts FlashAttention-2 first, `cudnn` cuDNN's attention (on Hopper it uses
+    the chip's own instructions). The choice is made when the forward is traced, so `fit` wraps
+    every call of the (compiled or eager) forward in it."""
     if kind not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {kind!r}")
-    if device.type != "cuda" or kind == "flash":
+    if device.type != "cuda" or kind == "auto":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # the others stay allowed, behind it: a shape cuDNN does not take falls back to them
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+    first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
+    # the others stay allowed, behind it: a shape the first does not take falls back to them
+    rest = [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH) if b != first]
+    return sdpa_kernel([first, *rest], set_priority=True)
 
 
 def sparsify_gradients(params: list[nn.Parameter], keep: float) -> None:

@@ -307,30 +307,42 @@ def test_compiled_and_eager_training_give_the_same_losses():
 
 
 def test_the_attention_kernel_choice_is_checked_and_leaves_cpu_training_alone():
-    """`train.attention` picks SDPA's kernel on a GPU (measured in benchmarks/train_throughput.py);
+    """`train.attention` picks SDPA's kernel on a GPU (measured in benchmarks/train_throughput.py):
+    on a CUDA device `flash` and `cudnn` put their kernel first in SDPA's priority order for the
+    duration (the order is a process-wide setting, readable without a GPU), `auto` leaves it;
     on a CPU every choice is the same training, and a name it does not know fails before any step."""
     from contextlib import nullcontext
 
     from pipeline.lm_data import Blocks
     from pipeline.trainer import FitSettings, attention_context, fit
 
-    assert all(isinstance(attention_context(k, torch.device("cpu")), nullcontext) for k in ("flash", "cudnn"))
+    from torch.nn.attention import SDPBackend
+
+    assert all(isinstance(attention_context(k, torch.device("cpu")), nullcontext) for k in ("auto", "flash", "cudnn"))
+    assert isinstance(attention_context("auto", torch.device("cuda")), nullcontext)
+    before = torch._C._get_sdp_priority_order()
+    for kind, first in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        with attention_context(kind, torch.device("cuda")):
+            order = torch._C._get_sdp_priority_order()
+            assert order[0] == int(first) and sorted(order) == sorted(before)  # first, the others kept behind
+        assert torch._C._get_sdp_priority_order() == before
     with pytest.raises(ValueError, match="attention must be one of"):
         attention_context("flash3", torch.device("cpu"))
     tokens = torch.randint(0, 16, (16, 8), generator=torch.Generator().manual_seed(1))
     blocks = Blocks(tokens, torch.ones(16, 8, dtype=torch.bool), np.zeros(16, dtype=np.int64))
     curves = {}
-    for kind in ("flash", "cudnn"):
+    for kind in ("auto", "flash", "cudnn"):
         rows = []
         fit(_tiny_lm(), blocks, lambda: iter(UniformSampler(blocks.topics, 4, seed=0)),
             FitSettings(steps=3, lr=1e-2, batch_size=4, log_every=1, checkpoint_every=100, attention=kind),
             torch.device("cpu"), log=rows.append)
         curves[kind] = [r["train/loss"] for r in rows]
-    assert curves["flash"] == curves["cudnn"] and len(curves["flash"]) == 3
+    assert curves["auto"] == curves["flash"] == curves["cudnn"] and len(curves["flash"]) == 3
     with pytest.raises(ValueError, match="attention must be one of"):
         fit(_tiny_lm(), blocks, lambda: iter(UniformSampler(blocks.topics, 4, seed=0)),
             FitSettings(steps=3, lr=1e-2, batch_size=4, attention="xformers"), torch.device("cpu"))
     assert resolve_config(None, None, ["train.attention=cudnn"]).train.attention == "cudnn"
+    assert resolve_config(None, None, []).train.attention == "auto"
 
 
 def test_compile_auto_is_on_only_for_long_gpu_trainings():
