@@ -12,6 +12,9 @@ walks a graph that is rebuilt from the model being trained:
     block's vector towards the blocks whose gradients align with its own and pushes it from those
     whose gradients oppose it, anchored to where it started. Gradients are last-layer gradient
     features (`curriculum/block_signals.py`): first-order, one forward pass, no backward.
+  - `random`: the control: each block a fixed random point, so the clusters are a random
+    partition of the blocks, built once, and the model is never read. With `grow` it is a
+    growing window over random groups of blocks.
 - The blocks are clustered in that space (FAISS spherical k-means, warm-started from the last
   build so that a cluster keeps its identity), and each cluster is joined to its `k` nearest
   clusters (FAISS exact inner-product search): the manifold graph. A batch is drawn from a ROOT
@@ -54,7 +57,8 @@ import numpy as np
 
 from curriculum.samplers import BatchStream, _check
 
-SPACES = ("activation", "learned")
+SPACES = ("activation", "learned", "random")
+RANDOM_DIM = 32  # the random space's dimension: k-means on random points cuts a random partition
 TRAVERSALS = ("walk", "aligned", "bandit", "grow")
 GROW_ORDERS = ("nearest", "random")
 
@@ -92,6 +96,9 @@ class ManifoldSettings:
             raise ValueError(f"space must be one of {SPACES} and traversal one of {TRAVERSALS}")
         if len(self.layers) > 1 and (self.space != "activation" or self.traversal in ("bandit", "grow")):
             raise ValueError("several layers (one graph per layer) need space 'activation' and a walk")
+        if self.space == "random" and self.traversal not in ("walk", "grow"):
+            raise ValueError(f"space 'random' (a control: blocks at fixed random points, the model never read) "
+                             f"takes a walk or grow traversal, not {self.traversal!r}")
         if not 0.0 < self.grow_fraction <= 1.0:
             raise ValueError(f"grow_fraction must be in (0, 1], got {self.grow_fraction}")
         if self.grow_order not in GROW_ORDERS:
@@ -295,9 +302,11 @@ class ManifoldSampler(BatchStream):
         self.overhead_s = 0.0
         self._rng = np.random.default_rng(seed)
         self._refresh_order = np.random.default_rng([seed, 1]).permutation(self.n_blocks)
-        learned = settings.space == "learned"  # only the learned space keeps vectors of its own
+        learned = settings.space == "learned"  # the learned space keeps vectors of its own, moved by training
         self.anchors = unit(block_vectors) if learned else None
         self.vectors = self.anchors.copy() if learned else None
+        if settings.space == "random":  # fixed points: built once, never re-measured
+            self.vectors = unit(np.random.default_rng([seed, 3]).normal(size=(self.n_blocks, RANDOM_DIM)))
         self.acts: dict[int, np.ndarray] = {}  # activation space: per layer, the latest vector of each block
         self.graphs: list[ClusterGraph] = []
         self.alignment = np.zeros(0)  # per cluster: probe alignment of its blocks' gradients
@@ -370,10 +379,17 @@ class ManifoldSampler(BatchStream):
         return np.take(self._refresh_order, np.arange(start, start + n), mode="wrap")
 
     def _rebuild(self) -> None:
-        if self.features is None:
-            raise RuntimeError("the manifold sampler reads the model: call attach() first (the training loop does)")
         t0 = time.perf_counter()
         s = self.s
+        if s.space == "random":  # nothing to measure: the one build clusters the fixed points
+            self.graphs = [ClusterGraph.build(self.vectors, s.clusters, s.k, self.seed)]
+            self.builds += 1
+            self.snapshots["start"] = self._snapshot()
+            self.rebuild_s.append(time.perf_counter() - t0)
+            self.overhead_s += self.rebuild_s[-1]
+            return
+        if self.features is None:
+            raise RuntimeError("the manifold sampler reads the model: call attach() first (the training loop does)")
         idx = self._sample()
         needs_grads = s.space == "learned" or s.traversal == "aligned"
         f = self.features(idx, needs_grads)
@@ -424,7 +440,7 @@ class ManifoldSampler(BatchStream):
 
     def _snapshot(self) -> dict:
         """The manifold in 2-D (PCA of up to 1000 blocks' vectors, the same blocks every time)."""
-        space = self.vectors if self.s.space == "learned" else self.acts[sorted(self.acts)[0]]
+        space = self.vectors if self.s.space in ("learned", "random") else self.acts[sorted(self.acts)[0]]
         idx = np.sort(np.random.default_rng([self.seed, 2]).choice(self.n_blocks, min(1000, self.n_blocks),
                                                                       replace=False))
         xy, mean, comps = project_2d(space[idx])
@@ -487,7 +503,8 @@ class ManifoldSampler(BatchStream):
     def next_batch(self) -> np.ndarray:
         """The next batch: (batch_size,) block indices from the current root's community."""
         grown = self.s.traversal == "grow" and self.graphs and len(self.open_clusters) == len(self.graphs[0].centroids)
-        if self._due() and not grown:  # once all is open, `grow` has no use for another rebuild
+        fixed = self.s.space == "random" and self.graphs  # the random space never changes
+        if self._due() and not grown and not fixed:  # once all is open, `grow` has no use for another rebuild
             self._rebuild()
         graph = self.graphs[self.batches_drawn % len(self.graphs)]  # one graph per layer, in turn
         if self.s.traversal == "grow":
@@ -574,7 +591,7 @@ class ManifoldSampler(BatchStream):
                "rebuild_s_each": round(float(np.mean(self.rebuild_s)), 4) if self.rebuild_s else 0.0,
                "path": self.path, "snapshots": self.snapshots,
                "roots_visited": len(set(self.path))}
-        if self.vectors is not None:  # cosine of each block's vector with its starting embedding
+        if self.anchors is not None:  # cosine of each block's vector with its starting embedding
             cos = np.sum(self.vectors * self.anchors, axis=1)
             out["vector_drift"] = round(float(cos.mean()), 4)
             out["vector_drift_p5"] = round(float(np.quantile(cos, 0.05)), 4)  # the 5% that moved most

@@ -441,8 +441,8 @@ class TethersConfig(Section):
 class ManifoldConfig(Section):
     """`train.sampler: manifold`: batch communities on a graph rebuilt from the model being trained (curriculum/manifold.py)."""
 
-    space: Literal["activation", "learned"] = "activation"
-    """What the graph is built over: `activation` (each block's mean hidden state at `manifold.layers`) or `learned` (a vector per block, starting at its embedding, moved towards blocks whose gradients align with its own)."""
+    space: Literal["activation", "learned", "random"] = "activation"
+    """What the graph is built over: `activation` (each block's mean hidden state at `manifold.layers`), `learned` (a vector per block, starting at its embedding, moved towards blocks whose gradients align with its own) or `random` (the control: fixed random points, so the clusters are a random partition of the blocks, built once; a `walk` or `grow` traversal)."""
     traversal: Literal["walk", "aligned", "bandit", "grow"] = "walk"
     """How the root cluster moves: `walk` (to a random neighbour), `aligned` (to a neighbour whose blocks' gradients align with the validation split's; needs `split.validation_fraction > 0`), `bandit` (Exp3.S rewarded by learning progress minus forgetting), or `grow` (no root: an open region starts at one cluster and grows along the graph, nearest cluster first, until all are open after `manifold.grow_fraction` of the training; batches are drawn uniformly from it)."""
     layers: list[int] = [-1]
@@ -492,6 +492,9 @@ class ManifoldConfig(Section):
         if len(self.layers) > 1 and (self.space != "activation" or self.traversal in ("bandit", "grow")):
             raise ValueError(f"several layers ({self.layers}: one graph per layer) need `space: activation` and a "
                              f"`walk` or `aligned` traversal, not space {self.space!r} with {self.traversal!r}")
+        if self.space == "random" and self.traversal not in ("walk", "grow"):
+            raise ValueError(f"`space: random` (a control that never reads the model) takes a `walk` or `grow` "
+                             f"traversal, not {self.traversal!r}")
         return self
 
     def settings(self, total_batches: int | None = None):

@@ -108,10 +108,13 @@ SETTINGS = [ManifoldSettings(space="activation", layers=(-1,), clusters=4, k=2, 
                              update_blocks=32),
             ManifoldSettings(space="activation", traversal="bandit", clusters=4, k=2, rebuild_every=4),
             ManifoldSettings(space="activation", traversal="grow", clusters=4, k=2, rebuild_every=4,
+                             grow_fraction=0.75, total_batches=16),
+            ManifoldSettings(space="random", traversal="grow", grow_order="random", clusters=4, k=2, rebuild_every=4,
                              grow_fraction=0.75, total_batches=16)]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=["activation", "per-layer", "learned-aligned", "bandit", "grow"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["activation", "per-layer", "learned-aligned", "bandit", "grow",
+                                                    "random-grow"])
 def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_one_does(tmp_path, settings):
     """Through the real training loop: the manifold is rebuilt from the model every 4 batches;
     a run stopped at step 10 and resumed from its checkpoint draws the same batches, ends with
@@ -146,7 +149,7 @@ def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_
     whole, model_a, drawn_a = run(tmp_path / "a", False)
     run(tmp_path / "b", False, kill_at=13)  # checkpoints at steps 5 and 10, killed in step 13
     resumed, model_b, drawn_b = run(tmp_path / "b", True)
-    assert resumed.batches_drawn == whole.batches_drawn == 16 and whole.builds == 4
+    assert resumed.batches_drawn == whole.batches_drawn == 16 and whole.builds == (1 if settings.space == "random" else 4)
     assert [x.tolist() for x in drawn_b] == [x.tolist() for x in drawn_a[10:]]
     assert resumed.path == whole.path
     for name, value in whole.state_dict().items():
@@ -158,6 +161,27 @@ def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_
     assert set(summary["snapshots"]) == {"start", "end"} and len(summary["path"]) == 16
     if settings.space == "learned":
         assert summary["vector_drift"] < 1.0  # the outer update moved the vectors
+
+
+def test_the_random_space_is_a_fixed_random_partition_built_once_without_reading_the_model():
+    """The control space: no `attach` (it never measures a block), one build however many
+    batches, clusters that cut across the topics (each of 4 topics spread over most of the 8
+    clusters), the same partition for the same seed, and no traversal that needs the model."""
+    topics = np.repeat(np.arange(4), 50)
+    settings = ManifoldSettings(space="random", traversal="grow", clusters=8, k=2, rebuild_every=5,
+                                grow_fraction=0.5, total_batches=40)
+    sampler = ManifoldSampler(topics, 4, settings, seed=1)
+    batches = [sampler.next_batch() for _ in range(40)]
+    assert sampler.builds == 1 and sampler.features is None
+    labels = sampler.graphs[0].labels
+    assert all(len(set(labels[topics == t].tolist())) >= 6 for t in range(4))
+    assert np.concatenate(batches).max() < len(topics) and sorted(sampler.open_clusters) == list(range(8))
+    again = ManifoldSampler(topics, 4, settings, seed=1)
+    again.next_batch()
+    np.testing.assert_array_equal(again.graphs[0].labels, labels)
+    for traversal in ("aligned", "bandit"):
+        with pytest.raises(ValueError, match="space 'random'"):
+            ManifoldSettings(space="random", traversal=traversal)
 
 
 def test_grow_in_random_order_opens_the_same_clusters_on_the_same_schedule_but_not_outwards():
