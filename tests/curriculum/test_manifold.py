@@ -163,6 +163,20 @@ def test_a_fit_resumed_from_its_checkpoint_ends_exactly_where_the_uninterrupted_
         assert summary["vector_drift"] < 1.0  # the outer update moved the vectors
 
 
+def _arc():
+    """Six tight groups of 20 blocks on an arc, 30 degrees apart (group g at angle 30 g): each
+    block's group, and `features` that measure a block as its point on the arc."""
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(6), 20)
+    angles = np.radians(30.0 * group) + rng.normal(scale=0.01, size=len(group))
+    vectors = np.stack([np.cos(angles), np.sin(angles), 0.01 * rng.normal(size=len(group))], 1).astype(np.float32)
+
+    def features(idx, with_grads):
+        return {"acts": {-1: vectors[idx]}, "losses": np.zeros(len(idx))}
+
+    return group, features
+
+
 def test_the_random_space_is_a_fixed_random_partition_built_once_without_reading_the_model():
     """The control space: no `attach` (it never measures a block), one build however many
     batches, clusters that cut across the topics (each of 4 topics spread over most of the 8
@@ -188,13 +202,7 @@ def test_grow_in_random_order_opens_the_same_clusters_on_the_same_schedule_but_n
     """The control for `grow`: on the arc of the test below, `grow_order: random` opens one more
     cluster per batch as `nearest` does and ends with all open, but the open groups are not
     always a contiguous stretch of the arc (the manifold's order is what it leaves out)."""
-    rng = np.random.default_rng(0)
-    group = np.repeat(np.arange(6), 20)
-    angles = np.radians(30.0 * group) + rng.normal(scale=0.01, size=len(group))
-    vectors = np.stack([np.cos(angles), np.sin(angles), 0.01 * rng.normal(size=len(group))], 1).astype(np.float32)
-
-    def features(idx, with_grads):
-        return {"acts": {-1: vectors[idx]}, "losses": np.zeros(len(idx))}
+    group, features = _arc()
 
     contiguous = []
     for seed in range(4):
@@ -220,13 +228,7 @@ def test_grow_opens_the_manifold_outwards_from_one_cluster_and_draws_only_from_w
     The open region starts at one cluster and each new one is the nearest to it, so the groups
     it holds are always a contiguous stretch of the arc; one more cluster opens per batch (6 over
     half of 10 batches); every batch comes from the open blocks only; at the end all are open."""
-    rng = np.random.default_rng(0)
-    group = np.repeat(np.arange(6), 20)
-    angles = np.radians(30.0 * group) + rng.normal(scale=0.01, size=len(group))
-    vectors = np.stack([np.cos(angles), np.sin(angles), 0.01 * rng.normal(size=len(group))], 1).astype(np.float32)
-
-    def features(idx, with_grads):
-        return {"acts": {-1: vectors[idx]}, "losses": np.zeros(len(idx))}
+    group, features = _arc()
 
     settings = ManifoldSettings(traversal="grow", clusters=6, k=2, rebuild_every=100, grow_fraction=0.5,
                                 total_batches=10)
