@@ -125,6 +125,9 @@ class Embedder:
         tokenises the ones after it; one copy back to the host at the end."""
         import torch
 
+        if len(batches) == 1:  # nothing to overlap (a query, say): tokenised here, no pool started
+            self.model.eval()
+            return self.forward(self._prepare([texts[i] for i in batches[0]]), device).cpu().numpy()
         submit = self._submitter()
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=device)  # in batch order
         self.model.eval()

@@ -26,9 +26,10 @@ def test_encode_equals_sentence_transformers_on_real_passages(wikitext_dir, embe
 
 
 def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
-    """The tokeniser's threads in this process (the default) and worker processes are two ways
-    of running the same features: the vectors are bit-equal, and the process pool really is
-    one (its workers are other processes, kept between calls)."""
+    """The tokeniser's threads in this process (the default on a CPU) and worker processes (on a
+    GPU) are two ways of running the same features: the vectors are bit-equal, and the process
+    pool really is one (its workers are other processes, kept between calls). A call of one
+    batch (a query) starts no pool: it has nothing to overlap."""
     from concurrent.futures import ProcessPoolExecutor
 
     from retrieval.embed import Embedder
@@ -37,6 +38,9 @@ def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
         (wikitext_dir / "valid.txt").read_text(encoding="utf-8"))[:30]] + ["", "word " * 600]
     procs = Embedder(embedder.path, device="cpu", tokenize_pool="process")
     try:
+        one = procs.encode_pipelined(texts[:3], batch_size=4)  # one batch: tokenised inline, no pool
+        assert procs._pool is None
+        np.testing.assert_array_equal(one, embedder.encode_pipelined(texts[:3], batch_size=4))
         by_process = procs.encode_pipelined(texts, batch_size=4)
         assert isinstance(procs._pool, ProcessPoolExecutor)
         pool = procs._pool
