@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+
+log = logging.getLogger("nucleus.embed")
 
 DEFAULT_MODEL = "default"
 
@@ -115,7 +118,16 @@ class Embedder:
             vecs = self._embed_batches(texts, batches, device)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a fresh pool, once
             self.close()
-            vecs = self._embed_batches(texts, batches, device)
+            try:
+                vecs = self._embed_batches(texts, batches, device)
+            except BrokenProcessPool as e:
+                # workers that cannot start at all (e.g. a script without an `if __name__ ==
+                # "__main__":` guard, which spawned workers re-run): threads from here on
+                log.warning("embedding: the tokeniser's worker processes failed twice (%s); "
+                            "tokenising in threads from now on", e)
+                self.close()
+                self.tokenize_pool = "thread"
+                vecs = self._embed_batches(texts, batches, device)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         out[np.concatenate(batches)] = vecs  # back to the caller's order
         return out

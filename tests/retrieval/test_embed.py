@@ -56,6 +56,32 @@ def test_process_and_thread_pools_give_the_same_vectors(wikitext_dir, embedder):
         procs.close()
 
 
+def test_worker_processes_that_cannot_start_fall_back_to_threads_and_lose_nothing(wikitext_dir, embedder, caplog):
+    """A real fault: workers whose start fails every time (here the tokeniser they are handed
+    cannot be read, as when a user's script without a `__main__` guard is re-run by each spawned
+    worker). The call retries once with a fresh pool, then tokenises in threads, says so, and
+    returns the same vectors; later calls stay on threads."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.embed import Embedder
+
+    texts = [f"{t}\n{b[:600]}" for t, b in split_wikitext_articles(
+        (wikitext_dir / "valid.txt").read_text(encoding="utf-8"))[:12]]
+    procs = Embedder(embedder.path, device="cpu", tokenize_pool="process")
+    try:
+        procs._prepare = procs._features_fn(texts[:4])
+        _, fields, extra = procs._prepare.worker_spec
+        procs._prepare.worker_spec = ("not a tokenizer", fields, extra)  # every worker's start fails
+        with caplog.at_level(logging.WARNING, logger="nucleus.embed"):
+            out = procs.encode_pipelined(texts, batch_size=4)
+        assert "failed twice" in caplog.text and procs.tokenize_pool == "thread"
+        assert isinstance(procs._pool, ThreadPoolExecutor)
+        np.testing.assert_array_equal(out, embedder.encode_pipelined(texts, batch_size=4))
+    finally:
+        procs.close()
+
+
 def test_batches_hold_a_token_budget_longest_first():
     texts = ["x" * 400, "y" * 40, "z" * 4000, "w" * 4, "v" * 400]
     batches = _token_budget_batches(texts, budget=300)
