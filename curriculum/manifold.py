@@ -364,6 +364,11 @@ class ManifoldSampler(BatchStream):
     # -- building
 
     def _due(self) -> bool:
+        """Whether this batch rebuilds: every `rebuild_every` batches, but never again once nothing
+        can change: the random space once built, `grow` once all is open (the measuring is the cost)."""
+        if self.graphs and (self.s.space == "random" or (
+                self.s.traversal == "grow" and len(self.open_clusters) == len(self.graphs[0].centroids))):
+            return False
         return self.batches_drawn % self.s.rebuild_every == 0 and (self.batches_drawn // self.s.rebuild_every
                                                                    >= self.builds)
 
@@ -381,31 +386,11 @@ class ManifoldSampler(BatchStream):
     def _rebuild(self) -> None:
         t0 = time.perf_counter()
         s = self.s
-        if s.space == "random":  # nothing to measure: the one build clusters the fixed points
-            self.graphs = [ClusterGraph.build(self.vectors, s.clusters, s.k, self.seed)]
-            self.builds += 1
-            self.snapshots["start"] = self._snapshot()
-            self.rebuild_s.append(time.perf_counter() - t0)
-            self.overhead_s += self.rebuild_s[-1]
-            return
-        if self.features is None:
-            raise RuntimeError("the manifold sampler reads the model: call attach() first (the training loop does)")
-        idx = self._sample()
-        needs_grads = s.space == "learned" or s.traversal == "aligned"
-        f = self.features(idx, needs_grads)
-        old_loss = self.m.block_loss.copy()
-        self.m.block_loss[idx] = f["losses"]
-        if s.space == "activation":
-            for layer, x in f["acts"].items():
-                self.acts.setdefault(layer, np.zeros((self.n_blocks, x.shape[1]), np.float32))[idx] = unit(x)
-            spaces = [self.acts[layer] for layer in sorted(self.acts)]
-        else:
-            if self.builds > 0:
-                self.vectors = update_vectors(self.vectors, self.anchors, idx, f["grads"], s.vector_lr, s.vector_anchor)
-            spaces = [self.vectors]
         first = not self.graphs
-        if not first:
-            self._forget(idx, old_loss)
+        if s.space == "random":  # nothing to measure: the fixed points, clustered once (see _due)
+            spaces = [self.vectors]
+        else:
+            idx, f, spaces = self._measure(first)
         self.graphs = [ClusterGraph.build(x, s.clusters, s.k, self.seed + self.builds,
                                           None if first else self.graphs[i].centroids)
                        for i, x in enumerate(spaces)]
@@ -421,6 +406,29 @@ class ManifoldSampler(BatchStream):
             self.snapshots["start"] = self._snapshot()
         self.rebuild_s.append(time.perf_counter() - t0)
         self.overhead_s += self.rebuild_s[-1]
+
+    def _measure(self, first: bool) -> tuple[np.ndarray, dict, list[np.ndarray]]:
+        """Re-measure this build's blocks with the model: (their indices, the features, the
+        spaces to cluster: one per layer, or the learned vectors after their outer update)."""
+        if self.features is None:
+            raise RuntimeError("the manifold sampler reads the model: call attach() first (the training loop does)")
+        s = self.s
+        idx = self._sample()
+        needs_grads = s.space == "learned" or s.traversal == "aligned"
+        f = self.features(idx, needs_grads)
+        old_loss = self.m.block_loss.copy()
+        self.m.block_loss[idx] = f["losses"]
+        if s.space == "activation":
+            for layer, x in f["acts"].items():
+                self.acts.setdefault(layer, np.zeros((self.n_blocks, x.shape[1]), np.float32))[idx] = unit(x)
+            spaces = [self.acts[layer] for layer in sorted(self.acts)]
+        else:
+            if self.builds > 0:
+                self.vectors = update_vectors(self.vectors, self.anchors, idx, f["grads"], s.vector_lr, s.vector_anchor)
+            spaces = [self.vectors]
+        if not first:
+            self._forget(idx, old_loss)
+        return idx, f, spaces
 
     def _forget(self, idx: np.ndarray, old_loss: np.ndarray) -> None:
         """Bandit: forgetting = the mean rise in loss, since they were last measured, of the
@@ -502,9 +510,7 @@ class ManifoldSampler(BatchStream):
 
     def next_batch(self) -> np.ndarray:
         """The next batch: (batch_size,) block indices from the current root's community."""
-        grown = self.s.traversal == "grow" and self.graphs and len(self.open_clusters) == len(self.graphs[0].centroids)
-        fixed = self.s.space == "random" and self.graphs  # the random space never changes
-        if self._due() and not grown and not fixed:  # once all is open, `grow` has no use for another rebuild
+        if self._due():
             self._rebuild()
         graph = self.graphs[self.batches_drawn % len(self.graphs)]  # one graph per layer, in turn
         if self.s.traversal == "grow":
