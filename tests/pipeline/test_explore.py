@@ -13,6 +13,7 @@ from pipeline.config import resolve_config
 from pipeline.errors import UserError
 from pipeline.workspace import Workspace
 from tests.conftest import REPO, nucleus
+from tests.jobs.helpers import rows as table_rows
 
 # 6 topics, 2 in the nucleus: k=0 keeps one topic per proposal, so 4 proposals fit.
 FAST = ["explore.rounds=2", "explore.per_round=2", "explore.k=0", "lora.steps=6", "explore.max_passages=60"]
@@ -86,7 +87,7 @@ def test_kill_mid_round_then_resume_trains_nothing_twice(trained_run_copy):
     deadline = time.time() + 240
     first = None
     while time.time() < deadline:
-        done = [r for r in _ledger(trained_run_copy) if r["status"] == "done"] if (trained_run_copy / "ledger.sqlite").exists() else []
+        done = [r for r in table_rows(trained_run_copy, "proposals") if r["status"] == "done"]  # the table may not be there yet
         if done:
             first = done[0]["nb_id"]
             break
