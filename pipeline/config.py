@@ -175,9 +175,11 @@ class TrainConfig(Section):
     block_size: int = Field(default=128, ge=8)
     """Tokens per packed training sequence (at most the model's context length)."""
     batch_size: int = Field(default=16, ge=1)
-    """Sequences per micro-batch."""
+    """Sequences per drawn batch (under torchrun, split over the processes)."""
     grad_accum: int = Field(default=1, ge=1)
-    """Micro-batches per optimizer step."""
+    """Drawn batches per optimizer step (an optimizer step sees batch_size x grad_accum sequences)."""
+    micro_batch_size: int | Literal["auto"] = "auto"
+    """Sequences per forward pass: each drawn batch (a process's share of it) runs in pieces of this many, their gradients accumulated, with the same result up to rounding. `auto`: the largest piece that fits in the GPU's memory, probed before the first step (the whole batch on a CPU); a number must divide the batch."""
     nucleus_steps: int = Field(default=150, ge=1)
     """Optimizer steps for the nucleus (full training of a scratch base, or its LoRA adapter)."""
     lr: float = Field(default=3e-3, gt=0.0)
@@ -224,6 +226,22 @@ class TrainConfig(Section):
     """Held-out passages per evaluation batch."""
     tensorboard: bool = False
     """Also write TensorBoard event files to logs/tb (needs the tensorboard package)."""
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> "TrainConfig":
+        from pipeline.micro_batch import check
+
+        problem = check(self.micro_batch_size, self.batch_size)  # under torchrun `train` checks each share
+        if problem:
+            raise ValueError(problem.removeprefix("train.") + f" (train.batch_size: {self.batch_size})")
+        return self
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _micro_choice(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be auto or a whole number of sequences >= 1")
 
     @field_validator("compile", mode="before")
     @classmethod

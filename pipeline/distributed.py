@@ -5,8 +5,8 @@
 
 Every process (rank) builds the same data, model and sampler from the same run directory and
 seed, so all ranks draw the same global batch of `train.batch_size` blocks; rank r trains on its
-r-th contiguous share and DDP averages the gradients, which is the global batch's gradient (the
-same tokens per rank, as full blocks give). The batch, and so the results, do not depend on
+r-th contiguous share and DDP averages the gradients, each share's loss weighted by its part of
+the batch's target tokens, which makes the average the global batch's gradient. The batch, and so the results, do not depend on
 the number of processes, within the rounding of the reductions. Only rank 0 writes: the run's
 records, checkpoints, metrics, the trained model; it alone evaluates. A resumed training loads
 the one checkpoint on every rank.
@@ -76,6 +76,16 @@ def mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= world_size()
     return x
+
+
+def minimum(x: int) -> int:
+    """The smallest of the ranks' `x` (itself outside torchrun)."""
+    if not active():
+        return x
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([x], dtype=torch.int64, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def check_batch(batch_size: int, replay_rows: int) -> str | None:

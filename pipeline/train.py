@@ -24,7 +24,7 @@ import torch
 from curriculum import plateau_tethers
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
-from pipeline import __version__, distributed, metrics_log, question_set, relora
+from pipeline import __version__, distributed, metrics_log, micro_batch, question_set, relora
 from pipeline import nucleate as nucleate_stage
 from pipeline.config import NucleusConfig, section_hash
 from pipeline.errors import UserError, did_you_mean, reading
@@ -141,6 +141,10 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
     problem = distributed.check_batch(cfg.train.batch_size, replay_rows)
     if problem:
         raise UserError(f"train: {problem} (under torchrun every process trains its share of each batch).")
+    problem = micro_batch.check(cfg.train.micro_batch_size, cfg.train.batch_size // distributed.world_size(),
+                                distributed.world_size())
+    if problem:
+        raise UserError(problem)
 
 
 def check_model(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
@@ -493,7 +497,7 @@ def fit_settings(cfg: NucleusConfig, steps: int, lr: float, device: torch.device
     """The optimiser settings of every training in a run (nucleus, adapter, probe) but its length."""
     t = cfg.train
     return FitSettings(
-        steps=steps, lr=lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        steps=steps, lr=lr, batch_size=t.batch_size, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
         warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_topk=t.grad_topk, replay_fraction=cfg.lora.replay_fraction if replay else 0.0,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device),

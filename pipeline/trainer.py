@@ -5,7 +5,7 @@ gradient sparsification, bf16 autocast on GPU, periodic held-out evaluation, res
 checkpoints. Batches are packed token blocks chosen by a block sampler; samplers are
 deterministic, so a resumed run re-creates them and skips the batches already consumed, or,
 for a sampler that learns from feedback (it has `observe`), restores its stored state.
-A sampler with `observe(batch, losses)` gets each micro-batch's per-block training losses; one
+A sampler with `observe(batch, losses)` gets each drawn batch's per-block training losses; one
 with `bind(model, tokens, mask, autocast_dtype)` reads the model itself (the manifold sampler,
 `curriculum/manifold.py`). A sampler's state may hold numpy arrays: the checkpoint keeps them
 as safetensors beside its JSON.
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline import distributed, relora
+from pipeline import distributed, micro_batch, relora
 from pipeline.atomic import atomic_path, read_json, restore_aside
 from pipeline.errors import reading
 from pipeline.lm_data import Blocks
@@ -46,6 +46,7 @@ class FitSettings:
     lr: float
     batch_size: int
     grad_accum: int = 1
+    micro_batch_size: int | str | None = None  # pieces of a drawn batch (pipeline/micro_batch.py); None = whole
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -207,7 +208,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
 
     With `resume`, a checkpoint in `checkpoint_dir` saved under the same `checkpoint_tag` (the
     caller's config hash) is continued; any other is ignored and later overwritten.
-    `on_batch(block_indices)` runs before each micro-batch's forward pass (joint adapter
+    `on_batch(block_indices)` runs before each drawn batch's forward passes (joint adapter
     training switches the active expert there). `tethers` (curriculum/plateau_tethers.py) sees
     every logged loss and may merge adapter layers there; its state is checkpointed."""
     s = settings
@@ -253,6 +254,10 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         sampler.bind(model, tokens_on[0], tokens_on[1], s.autocast_dtype)
     block_len = blocks.mask.sum(1).numpy()
     replay_len = replay.mask.sum(1).numpy() if n_replay else None
+    # Target tokens per block (the loss is their mean): what weighs a rank's share of a batch, or a
+    # piece of a batch (pipeline/micro_batch.py), so the pieces' gradients add up to the whole batch's.
+    block_targets = blocks.mask[:, 1:].sum(1).numpy()
+    replay_targets = replay.mask[:, 1:].sum(1).numpy() if n_replay else None
     # Blocks without padding need no attention mask: the model then takes SDPA's causal path
     # (flash attention on GPU) instead of building a dense mask per step.
     padded = bool((block_len < blocks.tokens.shape[1]).any() or
@@ -266,7 +271,7 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     main = distributed.is_main()  # only rank 0 logs, evaluates and checkpoints
     log = log if main else None
-    # Static shapes (every micro-batch is batch_size x block_size), so compilation happens once.
+    # Static shapes (every piece is micro x block_size), so compilation happens once.
     forward = torch.compile(wrapped, dynamic=False) if s.compile else wrapped
 
     def on_device(idx: np.ndarray) -> torch.Tensor:
@@ -275,25 +280,41 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
-    def next_batch() -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, int, int]:
-        """(global batch, this rank's share of it, the share's tokens and mask, the global
-        batch's and the share's token counts): every rank draws the same global batch."""
+    def next_batch() -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, int, np.ndarray, int]:
+        """(global batch, this rank's share of it, the share's tokens and mask, the global batch's
+        token count, the share's target tokens per row, the global batch's target tokens):
+        every rank draws the same global batch."""
         idx = next(sampler)[: s.batch_size - n_replay]
         mine = distributed.share(idx)
         at = on_device(mine)
         ids, mask = tokens_on[0][at], tokens_on[1][at]
-        n, n_mine = int(block_len[idx].sum()), int(block_len[mine].sum())
+        n, targets, all_targets = int(block_len[idx].sum()), block_targets[mine], int(block_targets[idx].sum())
         if replay_sampler is not None:
             r = next(replay_sampler)[:n_replay]
             r_mine = distributed.share(r)
             at = on_device(r_mine)
             ids, mask = torch.cat([ids, replay_on[0][at]]), torch.cat([mask, replay_on[1][at]])
-            n, n_mine = n + int(replay_len[r].sum()), n_mine + int(replay_len[r_mine].sum())
-        return idx, mine, ids, mask, n, n_mine
+            n, targets = n + int(replay_len[r].sum()), np.concatenate([targets, replay_targets[r_mine]])
+            all_targets += int(replay_targets[r].sum())
+        return idx, mine, ids, mask, n, targets, max(all_targets, 1)
 
     autocast = (torch.autocast(device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext())
     attention_context(s.attention, device)  # a bad name fails here, before any step
     model.train()
+
+    def probe_step(m: int) -> None:
+        """One forward and backward of `m` real blocks, as a training step runs them (no gradient
+        sync between ranks: one rank may run out of memory alone)."""
+        at = torch.arange(m, device=device) % tokens_on[0].shape[0]
+        ids, mask = tokens_on[0][at], tokens_on[1][at]
+        with (wrapped.no_sync() if ddp else nullcontext()), autocast, attention_context(s.attention, device):
+            forward(ids, mask.long() if padded else None, ids.masked_fill(~mask, -100))[0].backward()
+
+    share_rows = len(distributed.share(np.arange(s.batch_size - n_replay))) + len(distributed.share(np.arange(n_replay)))
+    micro = distributed.minimum(micro_batch.resolve(  # every rank the same pieces: the smallest any rank needs
+        s.micro_batch_size, share_rows, device, probe_step, micro_batch.pending_optimizer_bytes(opt),
+        lambda: model.zero_grad(set_to_none=True)))
+    world = distributed.world_size() if ddp else 1
     metrics: dict[str, float] = {}
     recent_loss = torch.zeros((), device=device)
     recent_n, last_loss = 0, float("nan")
@@ -301,18 +322,26 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     t0, tokens_at_t0 = time.perf_counter(), tokens
     while step < s.steps:
         for _ in range(s.grad_accum):
-            idx, mine, ids, mask, n_tokens, n_mine = next_batch()
+            idx, mine, ids, mask, n_tokens, targets, all_targets = next_batch()
             if on_batch is not None:
                 on_batch(idx)
             labels = ids.masked_fill(~mask, -100)
-            with autocast, attention_context(s.attention, device):  # a fresh one: each is single-use
-                loss, rows = forward(ids, mask.long() if padded else None, labels)
-            if ddp:  # DDP averages the ranks' gradients: weigh each share by its tokens, so the
-                loss = loss * (n_mine * distributed.world_size() / n_tokens)  # result is the batch's mean
-            if observe is not None:  # the sampled blocks only (every rank's), not the replay rows
-                observe(idx, distributed.gather(rows[: len(mine)].float().cpu().numpy()))
-            (loss / s.grad_accum).backward()
-            recent_loss += loss.detach()
+            piece_rows = []
+            for lo in range(0, len(ids), micro):
+                hi = lo + micro
+                with autocast, attention_context(s.attention, device):  # a fresh one: each is single-use
+                    loss, rows = forward(ids[lo:hi], mask[lo:hi].long() if padded else None, labels[lo:hi])
+                # The piece's part of the batch's mean loss (DDP averages over the ranks, hence
+                # `world`): exactly 1 for one piece on one process.
+                weight = float(targets[lo:hi].sum()) * world / all_targets
+                if weight != 1.0:
+                    loss = loss * weight
+                if observe is not None:  # the sampled blocks only (every rank's), not the replay rows,
+                    piece_rows.append(rows)  # after the last piece's forward, before its backward
+                    if hi >= len(ids):
+                        observe(idx, distributed.gather(torch.cat(piece_rows)[: len(mine)].float().cpu().numpy()))
+                (loss / s.grad_accum).backward()
+                recent_loss += loss.detach()
             recent_n += 1
             tokens += n_tokens
         if s.grad_topk is not None:

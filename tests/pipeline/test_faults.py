@@ -168,6 +168,9 @@ CASES = [
     Case("relora-warmup-zero", ["train", *R, "--set", "train.relora_warmup=0"], ("`train.relora_warmup`", "0")),
     Case("relora-prune-one", ["train", *R, "--set", "train.relora_prune=1.0"], ("`train.relora_prune`", "1.0")),
     Case("sampler-typo", ["train", *R, "--set", "train.sampler=skilit"], ("train.sampler", "Did you mean 'skillit'")),
+    Case("micro-batch-zero", ["train", *R, "--set", "train.micro_batch_size=0"], ("`train.micro_batch_size`", "0")),
+    Case("micro-batch-not-a-divisor", ["train", *R, "--set", "train.batch_size=8", "--set", "train.micro_batch_size=3"],
+         ("micro_batch_size: 3 does not divide the 8 blocks", "1, 2, 4, 8, or auto")),
     # the manifold sampler's section
     Case("manifold-space-unknown", ["train", *R, "--set", "manifold.space=hyperbolic"],
          ("`manifold.space`", "'hyperbolic'", "activation")),
