@@ -23,6 +23,9 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_tuned      (only with --arms) nucleus_uniform with inductor's coordinate-descent
                      tuning of its Triton kernels (longer compilation; element-wise and norm
                      kernels take about a quarter of a `base` step, train_profile.py)
+  nucleus_halves     (only with --arms) nucleus_uniform with each batch in two pieces
+                     (`train.micro_batch_size` = batch / 2, gradients accumulated): what
+                     running a batch that does not fit in pieces costs
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
 arm's loss curve (the compiled path must match the eager one), the graphs dynamo compiled in
@@ -65,7 +68,8 @@ from pipeline.trainer import FitSettings, fit  # noqa: E402
 from retrieval.corpus import split_wikitext_articles  # noqa: E402
 
 # arms that draw exactly nucleus_eager's batches: their loss curves must match its curve
-SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned")
+SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned",
+                "nucleus_halves")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
@@ -165,17 +169,18 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
 
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
                 loss: str = "full", seed: int = 0, attention: str = "auto",
-                tuned: bool = False) -> tuple[float, list[float]]:
+                tuned: bool = False, micro: int | None = None) -> tuple[float, list[float]]:
     if tuned:  # inductor's config is read when the graph compiles, inside fit; patched for this arm alone
         import torch._inductor.config as inductor
 
         with inductor.patch(coordinate_descent_tuning=True):
-            return run_nucleus(model, blocks, args, device, bf16, sampler, graph, compiled, loss, seed, attention)
+            return run_nucleus(model, blocks, args, device, bf16, sampler, graph, compiled, loss, seed, attention,
+                               micro=micro)
     # logged every `skip` steps, as the Trainer arm logs: the same host synchronisations
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
                            eval_every=10**9, checkpoint_every=10**9, log_every=args.skip,
                            autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled, loss=loss,
-                           attention=attention)
+                           attention=attention, micro_batch_size=micro)
     make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, seed))  # noqa: E731
     model.to(device)
     clock = SteadyClock(args.skip, device)
@@ -241,6 +246,8 @@ def main() -> None:
         "nucleus_flash": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, attention="flash"),
         "nucleus_cudnn": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, attention="cudnn"),
         "nucleus_tuned": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, tuned=True),
+        "nucleus_halves": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c,
+                                                micro=args.batch_size // 2),
     }
     if args.arms:
         unknown = set(args.arms) - set(arms)
@@ -250,7 +257,7 @@ def main() -> None:
         # the named arms first, in the order given (a run cut short still has them), then the rest
         arms = {k: arms[k] for k in dict.fromkeys([*args.arms, *arms]) if k in keep}
     else:
-        for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned"):
+        for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned", "nucleus_halves"):
             arms.pop(opt_in)
     for _ in range(args.warmup_runs):  # warm-up: compilation, kernels, allocator, tokenizer caches
         for fn in arms.values():
