@@ -14,6 +14,7 @@ as safetensors beside its JSON.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +76,7 @@ class FitResult:
     train_loss: float
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
+    micro_batch_size: int = 0  # rows per forward pass this process used (its whole share: no pieces)
 
 
 def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
@@ -315,6 +317,9 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         s.micro_batch_size, share_rows, device, probe_step, micro_batch.pending_optimizer_bytes(opt),
         lambda: model.zero_grad(set_to_none=True)))
     world = distributed.world_size() if ddp else 1
+    if micro < share_rows:
+        logging.getLogger("nucleus").info("%s: batches of %d blocks per process run in pieces of %d "
+                                          "(train.micro_batch_size: %s)", desc, share_rows, micro, s.micro_batch_size)
     metrics: dict[str, float] = {}
     recent_loss = torch.zeros((), device=device)
     recent_n, last_loss = 0, float("nan")
@@ -384,4 +389,4 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     elapsed = time.perf_counter() - t0
     return FitResult(steps=step, tokens=tokens, seconds=round(elapsed, 3),
                      tokens_per_s=(tokens - tokens_at_t0) / max(elapsed, 1e-9), train_loss=last_loss,
-                     metrics=metrics, resumed_from=start_step)
+                     metrics=metrics, resumed_from=start_step, micro_batch_size=micro)
