@@ -713,8 +713,23 @@ def to_yaml(cfg: NucleusConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+# Fields added after the first runs were made. At its default such a field is left out of
+# `section_hash`, so the hashes of a run made before it existed still match: an upgrade does not
+# make every finished stage stale, or throw away a checkpoint it would resume. Set to another
+# value, it counts like any field. A new field goes here, with a default that keeps the old
+# behaviour (tests/pipeline/test_config.py fails on one that is missing).
+HASH_NEUTRAL_WHEN_DEFAULT = ("train.micro_batch_size",)
+
+
 def section_hash(cfg: NucleusConfig, sections: tuple[str, ...]) -> str:
     """Stable short hash of the named top-level sections (what a stage depends on)."""
     dumped = cfg.model_dump(mode="json")
-    payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {s: dumped[s] for s in sections}
+    for key in HASH_NEUTRAL_WHEN_DEFAULT:
+        section, name = key.split(".", 1)
+        if section in payload and payload[section].get(name) == _DEFAULTS[section][name]:
+            payload[section] = {k: v for k, v in payload[section].items() if k != name}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_DEFAULTS = NucleusConfig().model_dump(mode="json")
