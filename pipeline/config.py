@@ -179,7 +179,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(default=1, ge=1)
     """Drawn batches per optimizer step (an optimizer step sees batch_size x grad_accum sequences)."""
     micro_batch_size: int | Literal["auto"] = "auto"
-    """Sequences per forward pass: each drawn batch (a process's share of it) runs in pieces of this many, their gradients accumulated, with the same result up to rounding. `auto`: the largest piece that fits in the GPU's memory, probed before the first step (the whole batch on a CPU); a number must divide the batch."""
+    """Sequences per forward pass: each drawn batch (a process's share of it) runs in pieces of this many, their gradients accumulated, with the same result up to rounding. `auto`: the largest piece that fits in the GPU's memory, probed before the first step (the whole batch on a CPU); a number must divide the batch. Changing it keeps checkpoints and finished stages."""
     nucleus_steps: int = Field(default=150, ge=1)
     """Optimizer steps for the nucleus (full training of a scratch base, or its LoRA adapter)."""
     lr: float = Field(default=3e-3, gt=0.0)
@@ -713,21 +713,24 @@ def to_yaml(cfg: NucleusConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-# Fields added after the first runs were made. At its default such a field is left out of
-# `section_hash`, so the hashes of a run made before it existed still match: an upgrade does not
-# make every finished stage stale, or throw away a checkpoint it would resume. Set to another
-# value, it counts like any field. A new field goes here, with a default that keeps the old
-# behaviour (tests/pipeline/test_config.py fails on one that is missing).
-HASH_NEUTRAL_WHEN_DEFAULT = ("train.micro_batch_size",)
+# Fields `section_hash` leaves out, so that changing them never makes a finished stage stale
+# or throws away a checkpoint it would resume:
+# - "always": fields that change how a step runs, never what it computes;
+# - "at_default": fields added after the first runs were made, at their default (which keeps the
+#   old behaviour): a run made before the field existed still hashes the same after an upgrade.
+# Every new field goes here (tests/pipeline/test_config.py fails on one that is missing).
+UNHASHED: dict[str, Literal["always", "at_default"]] = {
+    "train.micro_batch_size": "always",  # pieces of a batch: the same gradient up to rounding
+}
 
 
 def section_hash(cfg: NucleusConfig, sections: tuple[str, ...]) -> str:
     """Stable short hash of the named top-level sections (what a stage depends on)."""
     dumped = cfg.model_dump(mode="json")
     payload = {s: dumped[s] for s in sections}
-    for key in HASH_NEUTRAL_WHEN_DEFAULT:
+    for key, when in UNHASHED.items():
         section, name = key.split(".", 1)
-        if section in payload and payload[section].get(name) == _DEFAULTS[section][name]:
+        if section in payload and (when == "always" or payload[section].get(name) == _DEFAULTS[section][name]):
             payload[section] = {k: v for k, v in payload[section].items() if k != name}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

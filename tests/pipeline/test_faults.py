@@ -397,7 +397,9 @@ def test_kill_9_then_the_same_command_resumes_and_logs_each_step_once(trained_ru
     args = ["train", "--run-dir", str(run), "-n", nb, "--set", "lora.steps=60"]
     killed_at = kill_at_checkpoint(args, run / "checkpoints" / nb / "latest" / "state.json", 20)
 
-    r = nucleus(*args, "--json")  # the same command: no --resume needed
+    # the same command (no --resume needed), here in pieces of 2 blocks, as after running out of
+    # GPU memory: pieces compute the same batch, so the checkpoint still resumes
+    r = nucleus(*args, "--set", "train.micro_batch_size=2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["resumed_from"] == killed_at > 0 and out["steps"] == 60
