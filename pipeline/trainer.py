@@ -312,7 +312,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
         with (wrapped.no_sync() if ddp else nullcontext()), autocast, attention_context(s.attention, device):
             forward(ids, mask.long() if padded else None, ids.masked_fill(~mask, -100))[0].backward()
 
-    share_rows = len(distributed.share(np.arange(s.batch_size - n_replay))) + len(distributed.share(np.arange(n_replay)))
+    share_rows = (len(distributed.share(np.arange(s.batch_size - n_replay)))  # this rank's rows of a batch
+                  + len(distributed.share(np.arange(n_replay))))
     micro = distributed.minimum(micro_batch.resolve(  # every rank the same pieces: the smallest any rank needs
         s.micro_batch_size, share_rows, device, probe_step, micro_batch.pending_optimizer_bytes(opt),
         lambda: model.zero_grad(set_to_none=True)))
