@@ -414,13 +414,16 @@ def test_kill_9_then_the_same_command_resumes_and_logs_each_step_once(trained_ru
 def test_ctrl_c_says_resume_and_the_same_command_does(trained_run_copy):
     run = trained_run_copy
     nb = first_other_topic(run)
-    args = [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(run), "-n", nb, "--set", "lora.steps=60"]
+    # 300 steps (seconds of training after the first checkpoint, at step 10): on a loaded machine
+    # 60 steps could end before the interrupt landed
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(run), "-n", nb, "--set", "lora.steps=300"]
     state = run / "checkpoints" / nb / "latest" / "state.json"
     proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not state.is_file():
         time.sleep(0.05)
+    assert state.is_file() and proc.poll() is None, "the training ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command again to resume" in err, err
