@@ -7,6 +7,7 @@ as a `UserError` naming the file or field, the rule and the bad value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -171,6 +172,21 @@ class ModelConfig(Section):
     """Allow a Hugging Face base to run code shipped with it. Only for models you trust."""
 
 
+def divisors(n: int) -> list[int]:
+    """n's divisors, largest first."""
+    return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
+
+
+def micro_batch_problem(micro: int | str | None, rows: int, processes: int = 1) -> str | None:
+    """What is wrong with a fixed `train.micro_batch_size` for a share of `rows` blocks, or None
+    (here, free of torch, for the config's own check; pipeline/micro_batch.py uses the pieces)."""
+    if micro in (None, "auto") or rows % int(micro) == 0:
+        return None
+    where = f"each of {processes} processes takes" if processes > 1 else "a batch holds"
+    return (f"train.micro_batch_size: {micro} does not divide the {rows} blocks {where}; use one of "
+            f"{', '.join(map(str, reversed(divisors(rows))))}, or auto")
+
+
 class TrainConfig(Section):
     block_size: int = Field(default=128, ge=8)
     """Tokens per packed training sequence (at most the model's context length)."""
@@ -229,9 +245,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> "TrainConfig":
-        from pipeline.micro_batch import check
-
-        problem = check(self.micro_batch_size, self.batch_size)  # under torchrun `train` checks each share
+        problem = micro_batch_problem(self.micro_batch_size, self.batch_size)  # under torchrun `train` checks each share
         if problem:
             raise ValueError(problem.removeprefix("train.") + f" (train.batch_size: {self.batch_size})")
         return self
@@ -730,9 +744,11 @@ def section_hash(cfg: NucleusConfig, sections: tuple[str, ...]) -> str:
     payload = {s: dumped[s] for s in sections}
     for key, when in UNHASHED.items():
         section, name = key.split(".", 1)
-        if section in payload and (when == "always" or payload[section].get(name) == _DEFAULTS[section][name]):
+        if section in payload and (when == "always" or payload[section].get(name) == _defaults()[section][name]):
             payload[section] = {k: v for k, v in payload[section].items() if k != name}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_DEFAULTS = NucleusConfig().model_dump(mode="json")
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return NucleusConfig().model_dump(mode="json")

@@ -21,25 +21,12 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.config import divisors, micro_batch_problem
 from pipeline.errors import UserError
 
 # Of the memory free when the probe starts, what a piece may use with the optimizer state added:
 # the rest is left to the allocator's fragmentation and to later steps' temporaries.
 HEADROOM = 0.9
-
-
-def divisors(n: int) -> list[int]:
-    """n's divisors, largest first."""
-    return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
-
-
-def check(micro: int | str | None, rows: int, processes: int = 1) -> str | None:
-    """What is wrong with a fixed `train.micro_batch_size` for a share of `rows` blocks, or None."""
-    if micro in (None, "auto") or rows % int(micro) == 0:
-        return None
-    where = f"each of {processes} processes takes" if processes > 1 else "a batch holds"
-    return (f"train.micro_batch_size: {micro} does not divide the {rows} blocks {where}; use one of "
-            f"{', '.join(map(str, reversed(divisors(rows))))}, or auto")
 
 
 def largest_fitting(rows: int, fits: Callable[[int], bool]) -> int:
@@ -96,7 +83,7 @@ def resolve(setting: int | str | None, rows: int, device: torch.device, step: Ca
     if setting is None or (setting == "auto" and device.type != "cuda"):
         return rows
     if setting != "auto":
-        problem = check(setting, rows)
+        problem = micro_batch_problem(setting, rows)
         if problem:
             raise ValueError(problem)
         return int(setting)

@@ -24,9 +24,9 @@ import torch
 from curriculum import plateau_tethers
 from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
-from pipeline import __version__, distributed, metrics_log, micro_batch, question_set, relora
+from pipeline import __version__, distributed, metrics_log, question_set, relora
 from pipeline import nucleate as nucleate_stage
-from pipeline.config import NucleusConfig, section_hash
+from pipeline.config import NucleusConfig, micro_batch_problem, section_hash
 from pipeline.errors import UserError, did_you_mean, reading
 from pipeline.evaluate import QuestionBatch, evaluate, question_accuracy, tokenize_questions
 from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts, tokenize
@@ -141,8 +141,8 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
     problem = distributed.check_batch(cfg.train.batch_size, replay_rows)
     if problem:
         raise UserError(f"train: {problem} (under torchrun every process trains its share of each batch).")
-    problem = micro_batch.check(cfg.train.micro_batch_size, cfg.train.batch_size // distributed.world_size(),
-                                distributed.world_size())
+    problem = micro_batch_problem(cfg.train.micro_batch_size, cfg.train.batch_size // distributed.world_size(),
+                                  distributed.world_size())
     if problem:
         raise UserError(problem)
 
