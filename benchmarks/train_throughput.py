@@ -26,6 +26,9 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_halves     (only with --arms) nucleus_uniform with each batch in two pieces
                      (`train.micro_batch_size` = batch / 2, gradients accumulated): what
                      running a batch that does not fit in pieces costs
+  nucleus_liger      (only with --arms; needs liger-kernel on the path) nucleus_uniform with
+                     liger-kernel's Triton RMSNorm, RoPE and SwiGLU in place of the Llama model's
+                     (what inductor fuses itself took about a quarter of a `base` step)
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
 arm's loss curve (the compiled path must match the eager one), the graphs dynamo compiled in
@@ -69,7 +72,8 @@ from retrieval.corpus import split_wikitext_articles  # noqa: E402
 
 # arms that draw exactly nucleus_eager's batches: their loss curves must match its curve
 SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned",
-                "nucleus_halves")
+                "nucleus_halves", "nucleus_liger")
+OPT_IN = ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned", "nucleus_halves", "nucleus_liger")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
@@ -167,6 +171,21 @@ def run_hf(model, blocks, args, device, bf16: bool) -> tuple[float, list[float]]
     return timing["seconds"], curve
 
 
+def run_liger(model, blocks, args, device, bf16: bool, graph, compiled: bool) -> tuple[float, list[float]]:
+    """nucleus_uniform with liger-kernel's RMSNorm, RoPE and SwiGLU. Its RoPE replaces a function
+    of transformers' Llama module for every model, so the arm puts the original back after."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    saved = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP
+    try:  # the loss stays fit's own (fused linear cross-entropy would need liger's forward)
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False,
+                                    model=model)
+        return run_nucleus(model, blocks, args, device, bf16, "uniform", graph, compiled)
+    finally:
+        modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP = saved
+
+
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
                 loss: str = "full", seed: int = 0, attention: str = "auto",
                 tuned: bool = False, micro: int | None = None) -> tuple[float, list[float]]:
@@ -248,6 +267,7 @@ def main() -> None:
         "nucleus_tuned": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c, tuned=True),
         "nucleus_halves": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c,
                                                 micro=args.batch_size // 2),
+        "nucleus_liger": lambda m: run_liger(m, blocks, args, device, bf16, graph, c),
     }
     if args.arms:
         unknown = set(args.arms) - set(arms)
@@ -257,11 +277,26 @@ def main() -> None:
         # the named arms first, in the order given (a run cut short still has them), then the rest
         arms = {k: arms[k] for k in dict.fromkeys([*args.arms, *arms]) if k in keep}
     else:
-        for opt_in in ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned", "nucleus_halves"):
+        for opt_in in OPT_IN:
             arms.pop(opt_in)
+    failed: dict[str, str] = {}
+
+    def attempt(name: str):
+        """One run of an arm on a fresh copy of the model; None if an opt-in arm failed (its extra
+        library may not run on this machine: reported, and the other arms go on)."""
+        try:
+            return arms[name](copy.deepcopy(base))
+        except Exception as e:
+            if name not in OPT_IN:
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"  {name:<18} failed: {failed[name]}", flush=True)
+            return None
+
     for _ in range(args.warmup_runs):  # warm-up: compilation, kernels, allocator, tokenizer caches
-        for fn in arms.values():
-            fn(copy.deepcopy(base))
+        for name in arms:
+            if name not in failed:
+                attempt(name)
     rates: dict[str, list[float]] = {k: [] for k in arms}
     curves: dict[str, list[list[float]]] = {k: [] for k in arms}
     graphs: dict[str, list[int]] = {k: [] for k in arms}
@@ -269,19 +304,26 @@ def main() -> None:
     for r in range(args.repeats):
         order = list(arms) if r % 2 == 0 else list(reversed(arms))  # alternate to cancel drift
         for name in order:
+            if name in failed:
+                continue
             before = compiled_graphs()
-            seconds, curve = arms[name](copy.deepcopy(base))
+            result = attempt(name)
+            if result is None:
+                continue
+            seconds, curve = result
             graphs[name].append(compiled_graphs() - before)
             rates[name].append(timed_tokens / seconds)
             curves[name].append(curve)
             print(f"  repeat {r} {name:<18} {rates[name][-1]:>12,.0f} tokens/s  final loss {curve[-1]:.4f}  "
                   f"graphs compiled {graphs[name][-1]}", flush=True)
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = {k: statistics.median(v) for k, v in rates.items() if v}
+    curves = {k: v for k, v in curves.items() if v}
     out = {"device": torch.cuda.get_device_name() if bf16 else "cpu", "preset": args.preset, "compile": c,
            "params": count_parameters(base), "batch": args.batch_size, "block": args.block_size,
            "steps": args.steps, "skip": args.skip, "repeats": args.repeats, "tokens_per_s": med, "rates": rates,
            "loss_curves": curves, "graphs_compiled_in_timed_runs": graphs,
+           "failed_arms": failed,
            # compiled against the eager (slow) path, same seed and batches: they must agree
            "max_abs_loss_diff_compiled_vs_eager": max(abs(a - b) for a, b in zip(
                curves["nucleus_uniform"][0], curves["nucleus_eager"][0])),
