@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.micro_batch_rule import micro_batch_problem
 from pipeline.yamlfile import read_yaml
 
 BUILTIN_CORPUS = "builtin:wikitext2-sample"
@@ -170,21 +171,6 @@ class ModelConfig(Section):
     """BPE vocabulary size for `scratch` (byte-level: 256 bytes + merges + specials)."""
     trust_remote_code: bool = False
     """Allow a Hugging Face base to run code shipped with it. Only for models you trust."""
-
-
-def divisors(n: int) -> list[int]:
-    """n's divisors, largest first."""
-    return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
-
-
-def micro_batch_problem(micro: int | str | None, rows: int, processes: int = 1) -> str | None:
-    """What is wrong with a fixed `train.micro_batch_size` for a share of `rows` blocks, or None
-    (here, free of torch, for the config's own check; pipeline/micro_batch.py uses the pieces)."""
-    if micro in (None, "auto") or rows % int(micro) == 0:
-        return None
-    where = f"each of {processes} processes takes" if processes > 1 else "a batch holds"
-    return (f"train.micro_batch_size: {micro} does not divide the {rows} blocks {where}; use one of "
-            f"{', '.join(map(str, reversed(divisors(rows))))}, or auto")
 
 
 class TrainConfig(Section):

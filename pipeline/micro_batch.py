@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.config import divisors, micro_batch_problem
+from pipeline.micro_batch_rule import divisors, micro_batch_problem
 from pipeline.errors import UserError
 
 # Of the memory free when the probe starts, what a piece may use with the optimizer state added:

@@ -26,7 +26,8 @@ from curriculum.neighborhood import NUCLEUS, TOPIC_ID, Neighborhood, check_nb_id
 from curriculum.samplers import make_sampler
 from pipeline import __version__, distributed, metrics_log, question_set, relora
 from pipeline import nucleate as nucleate_stage
-from pipeline.config import NucleusConfig, micro_batch_problem, section_hash
+from pipeline.config import NucleusConfig, section_hash
+from pipeline.micro_batch_rule import micro_batch_problem
 from pipeline.errors import UserError, did_you_mean, reading
 from pipeline.evaluate import QuestionBatch, evaluate, question_accuracy, tokenize_questions
 from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts, tokenize

@@ -89,3 +89,26 @@ def test_the_optimizer_state_still_to_come_is_counted():
     model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     opt.step()
     assert micro_batch.pending_optimizer_bytes(opt) == 0
+
+
+def test_the_training_loop_imports_with_torch_alone():
+    """The GPU image has torch and transformers but neither pydantic nor faiss (ENV.md): the
+    benchmarks that train there (train_throughput, adapters_routing, micro_batch_probe) import the
+    loop and the samplers and must not pull the config in. A child process that refuses those
+    packages imports them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    refuse = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"pydantic", "faiss", "celery", "datasets", "optuna"}:
+            raise ModuleNotFoundError(f"refused: {name}")
+sys.meta_path.insert(0, Refuse())
+import pipeline.trainer, pipeline.micro_batch, curriculum.samplers, pipeline.lm_data, pipeline.model
+"""
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", refuse], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
