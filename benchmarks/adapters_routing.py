@@ -383,7 +383,8 @@ def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_bloc
     from curriculum.tethers import compat_matrix, merge_groups, read_lora
 
     names, n = list(routed), len(routed)
-    out: dict = {"never": {"ppl": _ppl(aset.score_routed(seqs, aset.route([], vectors=vectors))), "served": n}}
+    never = aset.score_routed(seqs, aset.route([], vectors=vectors))
+    out: dict = {"never": {"ppl": _ppl(never), "served": n, "ppl_by_route": _ppl_by_route(never)}}
 
     # after: merge groups of the routed adapters, routed among merges and the rest
     matrix, _ = compat_matrix([read_lora(routed[nm][0], nm) for nm in names])
@@ -416,7 +417,9 @@ def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_bloc
             raise SystemExit(f"{label}: {tokens} training tokens, routed had {routed_tokens}")
         tset = _adapter_set(base_dir, data["tokenizer"], args,
                             [Target(nm, out_dir / nm, data["vectors"][routed[nm][1]].mean(0)) for nm in names])
-        out[label] = {"ppl": _ppl(tset.score_routed(seqs, tset.route([], vectors=vectors))),
+        # the same routes as `never` (same centroids): per route, where the ties cost
+        scored = tset.score_routed(seqs, tset.route([], vectors=vectors))
+        out[label] = {"ppl": _ppl(scored), "ppl_by_route": _ppl_by_route(scored),
                       "served": summary["served_count"], "merges": summary["merges"], "checks": summary["checks"],
                       "served_groups": summary["served"], "compat_seen": summary["compat_seen"],
                       "seconds": round(time.perf_counter() - t0, 1)}
@@ -437,6 +440,14 @@ def _adapter_set(base_dir: Path, tokenizer, args, targets: list[Target], lru_siz
 
 def _ppl(scored) -> float:
     return float(math.exp(sum(s.nll for s in scored) / sum(s.tokens for s in scored)))
+
+
+def _ppl_by_route(scored) -> dict[str, float]:
+    """Perplexity of the passages routed to each adapter (top-1 routes)."""
+    by: dict[str, list] = {}
+    for s in scored:
+        by.setdefault(s.route[0][0], []).append(s)
+    return {target: _ppl(rows) for target, rows in sorted(by.items())}
 
 
 # ------------------------------------------------------------------------------- main

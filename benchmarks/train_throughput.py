@@ -29,6 +29,10 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_liger      (only with --arms; needs liger-kernel on the path) nucleus_uniform with
                      liger-kernel's Triton RMSNorm, RoPE and SwiGLU in place of the Llama model's
                      (what inductor fuses itself took about a quarter of a `base` step)
+  nucleus_bf16_residual  (only with --arms; GPU) nucleus_uniform with the embedding's output cast
+                     to bf16: under autocast the residual stream between layers is then bf16
+                     instead of fp32, halving what the norms and additions read and write (the
+                     weights and their gradients stay fp32; the loss curve says what it costs)
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
 arm's loss curve (the compiled path must match the eager one), the graphs dynamo compiled in
@@ -72,8 +76,9 @@ from retrieval.corpus import split_wikitext_articles  # noqa: E402
 
 # arms that draw exactly nucleus_eager's batches: their loss curves must match its curve
 SAME_BATCHES = ("nucleus_uniform", "nucleus_chunked", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned",
-                "nucleus_halves", "nucleus_liger")
-OPT_IN = ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned", "nucleus_halves", "nucleus_liger")
+                "nucleus_halves", "nucleus_liger", "nucleus_bf16_residual")
+OPT_IN = ("nucleus_eager_seed1", "nucleus_flash", "nucleus_cudnn", "nucleus_tuned", "nucleus_halves", "nucleus_liger",
+          "nucleus_bf16_residual")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 
 
@@ -186,6 +191,18 @@ def run_liger(model, blocks, args, device, bf16: bool, graph, compiled: bool) ->
         modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP = saved
 
 
+def run_bf16_residual(model, blocks, args, device, bf16: bool, graph, compiled: bool) -> tuple[float, list[float]]:
+    """nucleus_uniform with a bf16 residual stream: a hook casts the embedding's output to bf16,
+    and every later addition of bf16 matmul outputs keeps it there."""
+    if not bf16:
+        raise RuntimeError("nucleus_bf16_residual needs bf16 autocast (a GPU)")
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, inputs, out: out.to(torch.bfloat16))
+    try:
+        return run_nucleus(model, blocks, args, device, bf16, "uniform", graph, compiled)
+    finally:
+        handle.remove()
+
+
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
                 loss: str = "full", seed: int = 0, attention: str = "auto",
                 tuned: bool = False, micro: int | None = None) -> tuple[float, list[float]]:
@@ -268,6 +285,7 @@ def main() -> None:
         "nucleus_halves": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c,
                                                 micro=args.batch_size // 2),
         "nucleus_liger": lambda m: run_liger(m, blocks, args, device, bf16, graph, c),
+        "nucleus_bf16_residual": lambda m: run_bf16_residual(m, blocks, args, device, bf16, graph, c),
     }
     if args.arms:
         unknown = set(args.arms) - set(arms)
