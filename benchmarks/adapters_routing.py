@@ -124,6 +124,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tether-keep", type=int, default=None,
                    help="with --tether-scope adapter: stop merging at this many served adapters "
                         "(default: half the neighbourhoods)")
+    p.add_argument("--tether-max-group", type=int, default=0,
+                   help="with --tether-scope adapter: the most neighbourhoods one adapter may tie (2 = pairs; "
+                        "0 = no limit)")
     args = p.parse_args()
     if args.tiny:
         args.data = args.data if args.data != DEFAULT_DATA else DEFAULT_DATA.with_name("valid.txt")
@@ -233,7 +236,8 @@ def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: in
                                               threshold=tether_threshold, max_merges_per_epoch=args.tether_max_merges,
                                               formula=args.tether_formula, compare=args.tether_compare,
                                               scope=args.tether_scope,
-                                              keep_at_least=args.tether_keep or max(1, len(groups) // 2)),
+                                              keep_at_least=args.tether_keep or max(1, len(groups) // 2),
+                                              max_group=args.tether_max_group),
                                steps_per_epoch=math.ceil(len(blocks) / args.batch_size))
         on_batch = lambda idx: tethers.activate(int(blocks.topics[idx[0]]))  # noqa: E731
     tokens = train_model(model, blocks, steps, args.lora_lr, args, seed, out.name,
@@ -410,6 +414,8 @@ def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_bloc
     # during: tethers tie experts at plateaus while they train
     for threshold in args.tether_thresholds:
         label = f"during@{threshold:g}" if args.tether_scope == "layer" else f"during:adapter@{threshold:g}"
+        if args.tether_scope == "adapter" and args.tether_max_group:
+            label += f",max_group={args.tether_max_group}"
         out_dir = work / f"seed{seed}" / label
         t0 = time.perf_counter()
         tokens, _, summary = train_joint(base_dir, nb_blocks, steps, args, seed, out_dir, tether_threshold=threshold)

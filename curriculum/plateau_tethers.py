@@ -69,6 +69,7 @@ class TetherSettings:
     compare: str = "adapter"  # joint: "adapter" (shared + expert, as served) or "expert" (the expert alone)
     scope: str = "layer"  # "layer" (each layer on its own) or "adapter" (every layer at once)
     keep_at_least: int = 1  # joint, scope "adapter": merging stops at this many served adapters
+    max_group: int = 0  # joint, scope "adapter": the most neighbourhoods one group may hold (0 = no limit)
 
 
 class PlateauDetector:
@@ -183,6 +184,8 @@ class _Tethers:
             raise ValueError(f"scope must be 'layer' or 'adapter', got {settings.scope!r}")
         if settings.keep_at_least < 1:
             raise ValueError(f"keep_at_least must be at least 1, got {settings.keep_at_least}")
+        if settings.max_group < 0 or settings.max_group == 1:
+            raise ValueError(f"max_group must be 0 (no limit) or at least 2, got {settings.max_group}")
         self.s = settings
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.detector = PlateauDetector(settings.window, settings.loss_delta, settings.grad_norm)
@@ -340,8 +343,9 @@ class JointTethers(_Tethers):
         """`scope: adapter`: two groups join when every layer of every pair across them is at least
         `threshold` compatible (complete linkage on each pair's smallest compatibility over the
         layers), the most compatible first, one join at a time, while the epoch's cap and
-        `keep_at_least` allow; then each joined group merges at every layer. Groups are the same
-        at every layer in this scope, so tied neighbourhoods are served by one adapter."""
+        `keep_at_least` allow and the joined group holds at most `max_group` neighbourhoods; then
+        each joined group merges at every layer. Groups are the same at every layer in this
+        scope, so tied neighbourhoods are served by one adapter."""
         first = next(iter(self.layers))
         groups = self.groups(first)
         labels = {e: self.label(members) for e, members in groups.items()}
@@ -352,8 +356,16 @@ class JointTethers(_Tethers):
         def linkage(g: list[int], h: list[int]) -> float:
             return min(worst[(min(e, f), max(e, f))] for e in g for f in h)
 
+        def size(g: list[int]) -> int:  # neighbourhoods, not experts: a group may hold tied ones already
+            return sum(len(groups[e]) for e in g)
+
+        limit = self.s.max_group or len(self.names)
         while budget > 0 and len(joined) > 1:
-            value, i, j = max((linkage(g, h), i, j) for i, g in enumerate(joined) for j, h in enumerate(joined) if i < j)
+            candidates = [(linkage(g, h), i, j) for i, g in enumerate(joined) for j, h in enumerate(joined)
+                          if i < j and size(g) + size(h) <= limit]
+            if not candidates:
+                break
+            value, i, j = max(candidates)
             if value < self.s.threshold:
                 break
             joined[i] = sorted(joined[i] + joined.pop(j))

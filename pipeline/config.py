@@ -448,6 +448,15 @@ class TethersConfig(Section):
     """`layer`: each layer merges on its own (the note's rule; ties may differ by layer). `adapter`: two adapters merge at every layer at once, when every layer passes the threshold, so tied neighbourhoods serve one adapter."""
     keep_at_least: int = Field(default=1, ge=1)
     """`train --joint` with `scope: adapter`: merging stops when this many adapters are left to serve."""
+    max_group: int = Field(default=0, ge=0)
+    """`train --joint` with `scope: adapter`: the most neighbourhoods one served adapter may tie (2 = pairs only; 0 = no limit). Without a limit the joins tend to grow one group, since the group a join makes stays close to the rest."""
+
+    @field_validator("max_group")
+    @classmethod
+    def _max_group(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("must be 0 (no limit) or at least 2: a group of one ties nothing")
+        return v
 
     def settings(self):
         """The plain settings `curriculum.plateau_tethers` takes."""
@@ -721,6 +730,7 @@ def to_yaml(cfg: NucleusConfig) -> str:
 # Every new field goes here (tests/pipeline/test_config.py fails on one that is missing).
 UNHASHED: dict[str, Literal["always", "at_default"]] = {
     "train.micro_batch_size": "always",  # pieces of a batch: the same gradient up to rounding
+    "tethers.max_group": "at_default",  # added later: runs made before it keep their hashes
 }
 
 

@@ -249,6 +249,30 @@ def test_adapter_scope_ties_whole_neighbourhoods_most_compatible_first_down_to_k
         JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3, TetherSettings(scope="model"), 10)
 
 
+def test_max_group_makes_pairs_where_the_joins_would_grow_one_group():
+    """Every pair compatible: without a limit the joins tie all three neighbourhoods into one
+    adapter; with `max_group: 2` a pair ties and the third stays alone, whatever the floor."""
+    served = {}
+    for limit in (0, 2):
+        model = _joint()
+        with torch.no_grad():
+            for m in (m for n, m in model.named_modules() if hasattr(m, "lora_A")):
+                for e in ("e1", "e2"):
+                    m.lora_A[e].weight.copy_(m.lora_A["e0"].weight)
+                    m.lora_B[e].weight.copy_(m.lora_B["e0"].weight)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        tethers = JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3,
+                               TetherSettings(threshold=0.9, compare="expert", scope="adapter", max_group=limit), 10)
+        tethers.check(step=1, opt=opt)
+        served[limit] = sorted(len(g) for g in tethers.served())
+        if limit:
+            tethers.check(step=2, opt=opt)  # a later check cannot grow the pair either
+            assert sorted(len(g) for g in tethers.served()) == [1, 2]
+    assert served == {0: [3], 2: [1, 2]}
+    with pytest.raises(ValueError, match="max_group"):
+        JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3, TetherSettings(scope="adapter", max_group=1), 10)
+
+
 def test_adapter_scope_against_finished_adapters_merges_every_layer_or_none():
     model, mine = _moved_adapter()
     half = LoraFactors("nb-half", 2, 2.0)  # layer 0 equal to ours, layer 1 opposite: fails at layer 1

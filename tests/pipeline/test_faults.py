@@ -198,7 +198,8 @@ CASES = [
                                                         "--set", f"tethers.{key}={value}"], (f"`tethers.{key}`", value))
       for key, value in (("threshold", "1.5"), ("threshold", "-2"), ("window", "1"), ("loss_delta", "-0.1"),
                          ("loss_delta", "1"), ("grad_norm", "-1"), ("max_merges_per_epoch", "0"), ("formula", "mean"),
-                         ("compare", "shared"), ("scope", "model"), ("keep_at_least", "0"))],
+                         ("compare", "shared"), ("scope", "model"), ("keep_at_least", "0"),
+                         ("max_group", "1"), ("max_group", "-1"))],
     Case("set-without-equals", ["index", *R, "--set", "graph.k"], ("--set", "graph.k")),
     Case("config-file-missing", ["index", *R, "--config", "{tmp}/nope.yaml"], ("nope.yaml",)),
     Case("config-file-bad-yaml", ["index", *R, "--config", "{tmp}/bad.yaml"], ("bad.yaml", "not valid YAML"),
