@@ -92,7 +92,9 @@ PROBE_BLOCKS = 8  # blocks per topic on which the nucleus arm measures loss and 
 # of rank `rank` plus embeddings and norms, merged into the weights and restarted every `every`
 # steps), `lora` (the same LoRA never merged: the control that shows what the merges add).
 GROWTH = ("full", "relora", "lora")
-GROWTH_PARAMS = {"growth", "rank", "every", "warm"}  # warm: ReLoRA's full-rank warm-start steps
+# warm: ReLoRA's full-rank warm-start steps; lr: the peak learning rate times this (low-rank
+# training usually wants a higher rate than full rank; the full-rank arm can take it too)
+GROWTH_PARAMS = {"growth", "rank", "every", "warm", "lr"}
 RELORA_WARMUP = 20  # FitSettings' default re-warm-up after each merge
 
 
@@ -396,7 +398,8 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
                             and int(params.get("warm", 0)) > 0)
     model = model.to(device)
     s = settings
-    fs = FitSettings(steps=s.steps, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps,
+    fs = FitSettings(steps=s.steps, lr=s.lr * float(params.get("lr", 1.0)), batch_size=s.batch_size,
+                     warmup_steps=s.warmup_steps,
                      eval_every=s.eval_every, checkpoint_every=s.steps + 1, log_every=s.eval_every,
                      autocast_dtype=autocast, relora_warmup=RELORA_WARMUP,
                      relora_every=int(params.get("every", 100)) if growth == "relora" else None,
@@ -496,7 +499,8 @@ def run_arm(bundle_dir: Path, spec: str, seed: int, settings: Settings) -> dict:
 
 def check_fair(rows: list[dict]) -> None:
     """Stop loudly unless every arm of a seed had the same settings, steps, tokens, evaluation
-    points and learning rates at them."""
+    points and learning-rate schedule at them (up to an arm's own `lr=` factor, which its name
+    shows, and ReLoRA's re-warm-ups)."""
     problems = []
     for seed in sorted({r["seed"] for r in rows}):
         mine = [r for r in rows if r["seed"] == seed]
@@ -505,7 +509,8 @@ def check_fair(rows: list[dict]) -> None:
         def signature(r: dict) -> dict:
             return {"settings": r["settings"], "steps": r["steps"], "tokens": r["tokens"],
                     "eval steps": [p["step"] for p in r["curve"]], "eval tokens": [p["tokens"] for p in r["curve"]],
-                    "learning rates": [round(p["lr"] / _jagged(r, p["step"]), 12) for p in r["curve"]]}
+                    "learning rates": [round(p["lr"] / _jagged(r, p["step"]) / float(r.get("params", {}).get("lr", 1.0)),
+                                             12) for p in r["curve"]]}
 
         for r in mine[1:]:
             for key, value in signature(r).items():

@@ -74,6 +74,13 @@ def test_relora_arms_pass_the_fairness_check_through_their_re_warmed_schedule():
         bench.check_fair([row("uniform", "full", base), row("odm", "full", jagged)])
     with pytest.raises(SystemExit, match="growth must be one of"):
         bench.parse_arm("uniform:growth=dora")
+    # an arm's own lr= factor scales its whole schedule: fair when named, unfair when hidden
+    scaled = row("uniform:growth=relora,lr=2", "relora", [2 * lr for lr in jagged])
+    scaled["params"]["lr"] = 2.0
+    bench.check_fair([row("uniform", "full", base), scaled])
+    with pytest.raises(SystemExit, match="learning rates"):
+        bench.check_fair([row("uniform", "full", base), row("uniform:growth=relora", "relora", [2 * lr for lr in jagged])])
+    assert bench.parse_arm("uniform:growth=relora,lr=4") == ("uniform", {"growth": "relora", "lr": 4})
 
 
 def test_arm_specs_are_checked():
@@ -115,7 +122,7 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     assert info["prep_s"]["index"] > 0 and info["blocks"] > 100 and info["nucleus"]
     arms = [*bench.ARMS, "nucleus:replay=0.5,coverage=1", "uniform:growth=relora,rank=4,every=8",
             "nucleus:growth=lora,rank=4", "nucleus:weighting=manifold,clusters=4,rebuild=10",
-            "uniform:growth=relora,rank=4,every=8,warm=10"]
+            "uniform:growth=relora,rank=4,every=8,warm=10", "uniform:lr=2"]
     out = subprocess.run([sys.executable, script, "run", "--bundle", str(bundle), "--seeds", "0", "--steps", "30",
                           "--eval-every", "10", "--jobs", "2", "--work", str(tmp_path / "work"),
                           "--json-out", str(tmp_path / "out.json"), "--plot", str(tmp_path / "curves.png"),
@@ -144,6 +151,8 @@ def test_tiny_benchmark_runs_every_arm_with_equal_budgets(tmp_path):
     assert relora["optimizer_state_mb"] < full["optimizer_state_mb"] and relora["tokens_per_s"] > 0
     warm = rows["uniform:growth=relora,rank=4,every=8,warm=10"]  # after its warm start, the adapter's state only
     assert warm["trainable_params"] == relora["trainable_params"] and warm["curve"][-1]["ppl"] != relora["curve"][-1]["ppl"]
+    # an arm's lr= factor scales its whole schedule, and the fairness check let it through
+    assert [p["lr"] for p in rows["uniform:lr=2"]["curve"]] == pytest.approx([2 * p["lr"] for p in full["curve"]])
     # the report reads the JSON on its own
     alone = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curriculum_report.py"),
                             str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
