@@ -29,7 +29,7 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_liger      (only with --arms; needs liger-kernel on the path) nucleus_uniform with
                      liger-kernel's Triton RMSNorm, RoPE and SwiGLU in place of the Llama model's
                      (what inductor fuses itself took about a quarter of a `base` step)
-  nucleus_bf16_residual  (only with --arms; GPU) nucleus_uniform with the embedding's output cast
+  nucleus_bf16_residual  (only with --arms; GPU or --bf16-cpu) nucleus_uniform with the embedding's output cast
                      to bf16: under autocast the residual stream between layers is then bf16
                      instead of fp32, halving what the norms and additions read and write (the
                      weights and their gradients stay fp32; the loss curve says what it costs)
@@ -195,7 +195,7 @@ def run_bf16_residual(model, blocks, args, device, bf16: bool, graph, compiled: 
     """nucleus_uniform with a bf16 residual stream: a hook casts the embedding's output to bf16,
     and every later addition of bf16 matmul outputs keeps it there."""
     if not bf16:
-        raise RuntimeError("nucleus_bf16_residual needs bf16 autocast (a GPU)")
+        raise RuntimeError("nucleus_bf16_residual needs bf16 autocast (a GPU, or --bf16-cpu)")
     handle = model.get_input_embeddings().register_forward_hook(lambda m, inputs, out: out.to(torch.bfloat16))
     try:
         return run_nucleus(model, blocks, args, device, bf16, "uniform", graph, compiled)
@@ -248,6 +248,8 @@ def main() -> None:
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="untimed runs of every arm first (0: the first timed run compiles, untimed below --skip)")
     p.add_argument("--compile", action="store_true", help="torch.compile in hf_trainer and the nucleus arms")
+    p.add_argument("--bf16-cpu", action="store_true",
+                   help="bf16 autocast on a CPU too (slow): checks the bf16 arms' loss curves without a GPU")
     p.add_argument("--arms", nargs="+", default=None,
                    help="a subset of the arms (default all; hf_trainer, nucleus_uniform and nucleus_eager "
                         "are always run: the ratios need them); the named arms run first, in the order given")
@@ -257,7 +259,7 @@ def main() -> None:
         p.error(f"--steps ({args.steps}) must be a multiple of --skip ({args.skip}) and larger")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" or args.bf16_cpu
     articles = load_articles(args.data, args.articles)
     tok = train_tokenizer(articles, args.vocab_size)
     ids = tokenize(tok, articles)
@@ -337,7 +339,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in rates.items() if v}
     curves = {k: v for k, v in curves.items() if v}
-    out = {"device": torch.cuda.get_device_name() if bf16 else "cpu", "preset": args.preset, "compile": c,
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16": bf16, "preset": args.preset, "compile": c,
            "params": count_parameters(base), "batch": args.batch_size, "block": args.block_size,
            "steps": args.steps, "skip": args.skip, "repeats": args.repeats, "tokens_per_s": med, "rates": rates,
            "loss_curves": curves, "graphs_compiled_in_timed_runs": graphs,
@@ -356,7 +358,7 @@ def main() -> None:
               if "nucleus_community" in med else {}),
            **({"ratio_chunked_vs_full": med["nucleus_chunked"] / med["nucleus_uniform"]}
               if "nucleus_chunked" in med else {})}
-    if bf16:
+    if device.type == "cuda":
         name = out["device"]
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         if peak:
