@@ -49,6 +49,17 @@ def _moved_adapter():
     return model, {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
 
 
+def _all_alike():
+    """A joint model whose three experts equal e0 at every layer (every pair compatible), and its optimizer."""
+    model = _joint()
+    with torch.no_grad():
+        for m in (m for n, m in model.named_modules() if hasattr(m, "lora_A")):
+            for e in ("e1", "e2"):
+                m.lora_A[e].weight.copy_(m.lora_A["e0"].weight)
+                m.lora_B[e].weight.copy_(m.lora_B["e0"].weight)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+
 def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -233,13 +244,7 @@ def test_adapter_scope_ties_whole_neighbourhoods_most_compatible_first_down_to_k
             assert torch.equal(after[name], before[name]), name
 
     # the same adapters with every pair compatible: the floor stops the joins at 2 served adapters
-    model = _joint()
-    with torch.no_grad():
-        for m in (m for n, m in model.named_modules() if hasattr(m, "lora_A")):
-            for e in ("e1", "e2"):
-                m.lora_A[e].weight.copy_(m.lora_A["e0"].weight)
-                m.lora_B[e].weight.copy_(m.lora_B["e0"].weight)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model, opt = _all_alike()
     floor = JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3,
                          TetherSettings(threshold=0.9, compare="expert", scope="adapter", keep_at_least=2), 10)
     floor.check(step=1, opt=opt)
@@ -254,13 +259,7 @@ def test_max_group_makes_pairs_where_the_joins_would_grow_one_group():
     adapter; with `max_group: 2` a pair ties and the third stays alone, whatever the floor."""
     served = {}
     for limit in (0, 2):
-        model = _joint()
-        with torch.no_grad():
-            for m in (m for n, m in model.named_modules() if hasattr(m, "lora_A")):
-                for e in ("e1", "e2"):
-                    m.lora_A[e].weight.copy_(m.lora_A["e0"].weight)
-                    m.lora_B[e].weight.copy_(m.lora_B["e0"].weight)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        model, opt = _all_alike()
         tethers = JointTethers(model, ["a", "b", "c"], EXPERTS, [1 / 3] * 3,
                                TetherSettings(threshold=0.9, compare="expert", scope="adapter", max_group=limit), 10)
         tethers.check(step=1, opt=opt)
