@@ -252,7 +252,7 @@ def _manifold_plots(ws: Workspace, out: Path) -> list[str]:
         summary = read_json(path)
         nb_id = check_nb_id(path.stem.removeprefix("manifold-"))
         fig = manifold_figure(summary, f"{nb_id}: the manifold sampler's {summary['space']} space "
-                                       f"({summary['traversal']}), colour = topic, line = roots' path")
+                                       f"({summary['traversal']})")
         plots.append(_save(fig, out / f"manifold-{nb_id}.png"))
     return plots
 

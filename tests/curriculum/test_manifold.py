@@ -262,3 +262,26 @@ def test_bad_settings_are_refused():
         ManifoldSampler(np.zeros(8, dtype=np.int64), 4, ManifoldSettings(traversal="aligned"))
     with pytest.raises(RuntimeError, match="attach"):
         next(iter(ManifoldSampler(np.zeros(8, dtype=np.int64), 4, ManifoldSettings())))
+
+
+def test_the_figure_draws_the_walks_roots_and_the_grow_windows_opening_order():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from curriculum.manifold_plot import manifold_figure
+
+    centres = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
+    shot = {"xy": [[0.1, 0.1], [0.9, 0.9]], "topics": [0, 1], "centroids_xy": centres, "step": 6,
+            "topic_agreement": 0.5}
+    walk = {"space": "activation", "traversal": "walk", "path": [0, 1, 0, 3, 3, 2], "rebuild_every": 4,
+            "snapshots": {"start": shot, "end": shot}}
+    fig = manifold_figure(walk)
+    drawn = [fig.axes[i].lines[0].get_xydata().tolist() for i in (0, 1)]
+    assert drawn == [[centres[r] for r in (0, 1, 0, 3)], [centres[r] for r in (0, 1, 0, 3, 3, 2)]]
+    assert "roots' path" in fig._suptitle.get_text()
+    grow = {**walk, "traversal": "grow", "path": [2, 2, 1, 1, 0, 3], "open_order": [2, 1, 0, 3]}
+    fig = manifold_figure(grow, "nb")
+    # every cluster in the order it opened, drawn from the last to the first, the star on the first
+    assert fig.axes[0].lines[0].get_xydata().tolist() == [centres[c] for c in (3, 0, 1, 2)]
+    assert fig.axes[1].collections[-1].get_offsets().tolist() == [centres[2]]
+    assert fig._suptitle.get_text() == "nb (colour = topic, line = the order the clusters opened, star = the first)"

@@ -427,6 +427,9 @@ def test_the_grow_traversal_spreads_its_growth_over_the_stages_steps(trained_run
     assert summary["traversal"] == "grow" and sorted(summary["open_order"]) == [0, 1, 2, 3]
     # one more cluster per 2 batches (3 more over 6): the newest open cluster of each batch
     assert [len(set(summary["path"][:i + 1])) for i in range(0, 12, 2)] == [1, 2, 3, 4, 4, 4]
+    from pipeline import report
+
+    assert "manifold-topic-2.png" in report.run(cfg, ws).plots  # the opening order drawn on the clusters
 
 
 def test_the_aligned_traversal_without_a_validation_split_says_what_is_missing(trained_run_copy):
