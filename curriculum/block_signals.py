@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
+
 
 def _projections(vocab: int, hidden: int, k_out: int, k_in: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +73,16 @@ def measure(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, layers: 
             "grads": torch.cat(grads).cpu().numpy() if with_grads else None}
 
 
+def check_layers(model: nn.Module, layers: tuple[int, ...]) -> None:
+    """`manifold.layers` against the model's depth, before anything is measured: its hidden
+    states are the embeddings (0) and one per layer (1..L), indexed from the end by -1..-(L+1)."""
+    depth = model.config.num_hidden_layers
+    bad = [layer for layer in layers if not -(depth + 1) <= layer <= depth]
+    if bad:
+        raise UserError(f"manifold.layers: this model has {depth} layers, so {bad} name no hidden state; use "
+                        f"1..{depth} (a layer's output), 0 (the embeddings) or -1 (the last layer); got {list(layers)}")
+
+
 def make_features(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...],
                   prefix_tokens: int, seed: int, autocast_dtype: torch.dtype | None = None, k_out: int = 16,
                   k_in: int = 16, probe: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -78,6 +90,7 @@ def make_features(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, la
     """(features(idx, with_grads), probe_gradient() or None) over the training blocks `tokens`
     and `mask` ((n, T) on the device) and the probe blocks `probe` (tokens, mask), each read up
     to `prefix_tokens`."""
+    check_layers(model, layers)
     width = min(prefix_tokens, tokens.shape[1])
     emb = model.get_output_embeddings().weight
     proj = _projections(emb.shape[0], emb.shape[1], k_out, k_in, seed, tokens.device)

@@ -149,8 +149,9 @@ def check(cfg: NucleusConfig, ws: Workspace, neighborhood: str | None = None, to
 
 
 def check_model(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
-    """The device and the model's limits, checked on the base's architecture alone (meta device,
-    no weights): what would otherwise fail only after minutes of training."""
+    """The device and the model's limits (context length, LoRA targets, the manifold's layers),
+    checked on the base's architecture alone (meta device, no weights): what would otherwise fail
+    only after minutes of training."""
     resolve_device(cfg.train.device)
     base_dir = ws.root / "model" / "base" if ws is not None else None
     if base_dir is not None and (base_dir / "config.json").is_file():
@@ -162,6 +163,10 @@ def check_model(cfg: NucleusConfig, ws: Workspace | None = None) -> None:
         raise UserError(f"train.block_size: {cfg.train.block_size} is above the model's context length "
                         f"({limit}). Set train.block_size <= {limit}.")
     check_target_modules(model, cfg.lora.target_modules)
+    if cfg.train.sampler == "manifold":
+        from curriculum.block_signals import check_layers
+
+        check_layers(model, tuple(cfg.manifold.layers))
     if cfg.train.loss == "chunked" and (getattr(model, "get_decoder", None) is None or model.get_decoder() is None
                                         or model.get_output_embeddings() is None):
         raise UserError(f"train.loss: 'chunked' needs a decoder and an output embedding to apply to its hidden "

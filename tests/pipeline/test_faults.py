@@ -182,6 +182,10 @@ CASES = [
                                          "manifold.traversal=bandit"], ("`manifold`", "several layers", "'bandit'")),
     Case("manifold-random-space-with-bandit", ["train", *R, "--set", "manifold.space=random", "--set",
                                                "manifold.traversal=bandit"], ("`manifold`", "space: random", "'bandit'")),
+    # known only from the model's architecture (the default has 2 layers), before anything is written
+    Case("manifold-layers-beyond-the-model", ["run", *R, "--set", "train.sampler=manifold", "--set",
+                                              "manifold.layers=[1,2,3,4]"], ("manifold.layers", "[3, 4]", "2 layers"),
+         start="indexed"),
     Case("manifold-layers-with-grow", ["train", *R, "--set", "manifold.layers=[1,2]", "--set",
                                        "manifold.traversal=grow"], ("`manifold`", "several layers", "'grow'")),
     *[Case(f"manifold-{key.replace('_', '-')}-{value}", ["train", *R, "--set", f"manifold.{key}={value}"],
