@@ -316,12 +316,27 @@ def run(cfg: NucleusConfig, ws: Workspace) -> SweepResult:
     return report(cfg, ws, study, ran)
 
 
+def _existing_study(cfg: NucleusConfig, ws: Workspace):
+    """The sweep's study, for a report: an error naming the study and storage when there is none
+    yet, and nothing created in the run directory (the journal file is made by a sweep only)."""
+    import optuna
+
+    missing = UserError(f"sweep report: no study '{cfg.sweep.study}' in {storage_label(cfg, ws)} (sweep.study, "
+                        f"sweep.storage); start one with `nucleus sweep --run-dir {ws.root}`.")
+    if cfg.sweep.storage == "auto" and not (ws.root / "sweep" / "journal.log").is_file():
+        raise missing
+    try:
+        return optuna.load_study(study_name=cfg.sweep.study, storage=open_storage(cfg, ws))
+    except KeyError:  # Optuna's "Record does not exist." for an unknown study name
+        raise missing from None
+
+
 def report(cfg: NucleusConfig, ws: Workspace, study=None, ran: int = 0) -> SweepResult:
     import optuna
     from optuna.trial import TrialState
 
     if study is None:
-        study = optuna.load_study(study_name=cfg.sweep.study, storage=open_storage(cfg, ws))
+        study = _existing_study(cfg, ws)
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     rows = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,

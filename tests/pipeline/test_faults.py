@@ -139,6 +139,7 @@ CASES = [
     # nucleus sweep's options
     Case("sweep-storage-not-postgresql", ["sweep", *R, "--set", "sweep.storage=sqlite:///x.db"],
          ("`sweep.storage`", "postgresql://", "'sqlite:///x.db'")),
+    Case("sweep-report-without-a-sweep", ["sweep", "report", *R], ("sweep report", "no study", "nucleus sweep")),
     Case("sweep-space-empty", ["sweep", *R, "--set", "sweep.space=[]"], ("`sweep.space`", "empty")),
     Case("sweep-space-unknown-kind", ["sweep", *R, "--set", "sweep.space=[samplr]"],
          ("`sweep.space`", "Did you mean 'sampler'")),

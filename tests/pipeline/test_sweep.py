@@ -132,6 +132,8 @@ def test_ace_chooses_after_its_random_start_and_the_report_predicts_every_combin
                for c in measured)
     r = nucleus("sweep", "report", "--run-dir", str(nucleated_run), *_sets(*sets))
     assert r.returncode == 0 and "ACE (fit on 4 trials" in r.stdout and "importance:" in r.stdout
+    r = nucleus("sweep", "report", "--run-dir", str(nucleated_run), *_sets(*sets, "sweep.study=another"))
+    assert r.returncode == 2 and "no study 'another'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_killed_worker_on_the_embedded_storage_loses_nothing(nucleated_run):
