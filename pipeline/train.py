@@ -255,7 +255,9 @@ def _finished(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood) -> TrainResul
     info = read_json(record)
     if info.get("config_hash") != section_hash(cfg, stage_sections(cfg, nb.id)):
         return None
-    return TrainResult(**{**info["result"], "skipped": True})
+    result = info["result"]  # its output where it is now: the run directory may have moved since
+    output = ws.root / "model" / "base" if result.get("kind") == "full" else adapter_dir(ws, nb.id)
+    return TrainResult(**{**result, "skipped": True, "output": str(output)})
 
 
 # ------------------------------------------------------------------------------ setup

@@ -84,11 +84,15 @@ def test_adapter_lowers_its_neighbourhood_perplexity_below_the_base(adapter_run)
     assert info["parent"] == "nucleus" and info["tokens_seen"] == result.tokens > 0 and info["config_hash"]
 
 
-def test_training_again_is_a_no_op(adapter_run):
+def test_training_again_is_a_no_op_and_names_the_output_where_it_is_now(adapter_run, tmp_path):
     run_dir, result = adapter_run
     ws = Workspace(run_dir)
     again = train.run(_cfg(ws), ws, result.neighborhood)
     assert again.skipped and again.metrics == result.metrics
+    moved = Workspace(shutil.copytree(run_dir, tmp_path / "moved"))  # a run directory moved elsewhere
+    for nb in (result.neighborhood, None):  # an adapter, and the nucleus (the base itself)
+        there = train.run(_cfg(moved), moved, nb)
+        assert there.skipped and there.output.startswith(str(moved.root)), there.output
 
 
 def test_kill_then_resume_continues_with_the_same_steps(trained_run_copy, trained_run, tmp_path):
