@@ -150,15 +150,29 @@ def recover_orphans(study, max_retry: int) -> int:
 # ------------------------------------------------------------------------------ trials
 
 
+# Keys counting training steps that do nothing unless a trial reaches them (ReLoRA merges only
+# below its steps, as the train stage requires): their range ends one below `sweep.steps`.
+STEP_BOUNDED = frozenset({"train.relora_every"})
+
+
+def _range(p, cfg: NucleusConfig) -> tuple[float, float] | None:
+    """A numeric key's range in this sweep: the catalogue's, with a step-bounded key's end cut to
+    the trial's steps; None when nothing in it would act (the module then leaves the space)."""
+    high = min(p.high, cfg.sweep.steps - 1) if p.key in STEP_BOUNDED else p.high
+    return (p.low, high) if high >= p.low else None
+
+
 def search_space(cfg: NucleusConfig) -> ace.Space:
     """The sweep's space: for each kind of `sweep.space`, which module (among those whose needs
-    this configuration meets), then each module's keys from their catalogue ranges, active only
-    when that module is chosen (a key two modules share is one dimension)."""
+    this configuration meets, and whose step-counting keys fit in a trial), then each module's
+    keys from their catalogue ranges, active only when that module is chosen (a key two modules
+    share is one dimension)."""
     cat = modules.catalogue()
     tags = modules.provided(cfg)
     dims: list[ace.Dim] = []
     for kind in cfg.sweep.space:
-        names = sorted(n for n, m in cat[kind].items() if not (m.needs - tags - m.provides))
+        names = sorted(n for n, m in cat[kind].items() if not (m.needs - tags - m.provides)
+                       and all(_range(p, cfg) for p in m.params if p.kind in ("int", "float")))
         dims.append(ace.Dim(kind, choices=tuple(names)))
         keys: dict[str, ace.Dim] = {}
         for name in names:
@@ -167,7 +181,8 @@ def search_space(cfg: NucleusConfig) -> ace.Space:
                 if p.key in keys:
                     keys[p.key] = replace(keys[p.key], when=keys[p.key].when + when)
                 elif p.kind in ("int", "float"):
-                    keys[p.key] = ace.Dim(p.key, low=p.low, high=p.high, log=p.log, integer=p.kind == "int", when=when)
+                    low, high = _range(p, cfg)
+                    keys[p.key] = ace.Dim(p.key, low=low, high=high, log=p.log, integer=p.kind == "int", when=when)
                 else:
                     keys[p.key] = ace.Dim(p.key, choices=(False, True) if p.kind == "bool" else tuple(p.choices),
                                           when=when)

@@ -113,7 +113,8 @@ def test_ace_chooses_after_its_random_start_and_the_report_predicts_every_combin
 
     from pipeline import sweep
 
-    sets = ["sweep.trials=4", "sweep.steps=4", "sweep.space=[sampler,growth]", "sweep.startup_trials=2"]
+    # 12 steps: ReLoRA (a merge every 10-11 steps) stays in the space
+    sets = ["sweep.trials=4", "sweep.steps=12", "sweep.space=[sampler,growth]", "sweep.startup_trials=2"]
     r = nucleus("sweep", "--run-dir", str(nucleated_run), "--json", *_sets(*sets))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -179,3 +180,20 @@ def test_an_unreachable_database_is_a_clear_error(nucleated_run):
                 *_sets("sweep.storage=postgresql://postgres@127.0.0.1:1/none"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "sweep.storage" in r.stderr and "127.0.0.1:1/none" in r.stderr
+
+
+def test_relora_trials_merge_within_their_steps_or_leave_the_space():
+    """A ReLoRA trial whose `relora_every` is not below its steps never merges: it would be plain
+    LoRA under ReLoRA's name. The range ends below `sweep.steps`; with too few steps for the
+    catalogue's smallest period, ReLoRA is not offered at all."""
+    from pipeline import sweep
+    from pipeline.config import NucleusConfig
+
+    def space(steps: int):
+        return sweep.search_space(NucleusConfig.model_validate({"sweep": {"steps": steps, "space": ["growth"]}}))
+
+    dims = {d.name: d for d in space(40).dims}
+    assert dims["growth"].choices == ("full_rank", "relora") and dims["train.relora_every"].high == 39
+    assert dims["train.relora_rank"].high == 256  # a key that counts no steps keeps its catalogue range
+    dims = {d.name: d for d in space(10).dims}
+    assert dims["growth"].choices == ("full_rank",) and "train.relora_every" not in dims
