@@ -509,8 +509,7 @@ def check_fair(rows: list[dict]) -> None:
         def signature(r: dict) -> dict:
             return {"settings": r["settings"], "steps": r["steps"], "tokens": r["tokens"],
                     "eval steps": [p["step"] for p in r["curve"]], "eval tokens": [p["tokens"] for p in r["curve"]],
-                    "learning rates": [round(p["lr"] / _jagged(r, p["step"]) / float(r.get("params", {}).get("lr", 1.0)),
-                                             12) for p in r["curve"]]}
+                    "learning rates": [round(p["lr"] / _jagged(r, p["step"]) / _lr_factor(r), 12) for p in r["curve"]]}
 
         for r in mine[1:]:
             for key, value in signature(r).items():
@@ -518,6 +517,11 @@ def check_fair(rows: list[dict]) -> None:
                     problems.append(f"seed {seed}: arm '{r['arm']}' differs from '{ref['arm']}' in {key}")
     if problems:
         raise SystemExit("unfair comparison, refusing to report:\n  " + "\n  ".join(problems))
+
+
+def _lr_factor(row: dict) -> float:
+    """An arm's own `lr=` factor on the shared peak learning rate (1 for the others)."""
+    return float(row.get("params", {}).get("lr", 1.0))
 
 
 def _jagged(row: dict, step: int) -> float:

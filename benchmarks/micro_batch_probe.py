@@ -66,8 +66,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated(device)
-                                                             + args.cap_gib * 2**30) / total), torch.cuda.current_device())
+        cap = min(1.0, (torch.cuda.memory_allocated(device) + args.cap_gib * 2**30) / total)
+        torch.cuda.set_per_process_memory_fraction(cap, torch.cuda.current_device())  # an index: a bare "cuda" is refused
         out["auto_capped"] = train("auto", blocks, args, device)
     for k in ("auto", "whole", "auto_capped"):
         if k in out:

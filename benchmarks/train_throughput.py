@@ -339,7 +339,8 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in rates.items() if v}
     curves = {k: v for k, v in curves.items() if v}
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16": bf16, "preset": args.preset, "compile": c,
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16": bf16,
+           "preset": args.preset, "compile": c,
            "params": count_parameters(base), "batch": args.batch_size, "block": args.block_size,
            "steps": args.steps, "skip": args.skip, "repeats": args.repeats, "tokens_per_s": med, "rates": rates,
            "loss_curves": curves, "graphs_compiled_in_timed_runs": graphs,

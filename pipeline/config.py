@@ -449,7 +449,7 @@ class TethersConfig(Section):
     keep_at_least: int = Field(default=1, ge=1)
     """`train --joint` with `scope: adapter`: merging stops when this many adapters are left to serve."""
     max_group: int = Field(default=0, ge=0)
-    """`train --joint` with `scope: adapter`: the most neighbourhoods one served adapter may tie (2 = pairs only; 0 = no limit). Without a limit the joins tend to grow one group, since the group a join makes stays close to the rest."""
+    """`train --joint` with `scope: adapter`: the most neighbourhoods one served adapter may tie (2 = pairs only; 0 = no limit). Without a limit the joins grew one group of five of eight in the adapters benchmark (benchmarks/RESULTS.md §12)."""
 
     @field_validator("max_group")
     @classmethod

@@ -79,7 +79,8 @@ def test_relora_arms_pass_the_fairness_check_through_their_re_warmed_schedule():
     scaled["params"]["lr"] = 2.0
     bench.check_fair([row("uniform", "full", base), scaled])
     with pytest.raises(SystemExit, match="learning rates"):
-        bench.check_fair([row("uniform", "full", base), row("uniform:growth=relora", "relora", [2 * lr for lr in jagged])])
+        hidden = row("uniform:growth=relora", "relora", [2 * lr for lr in jagged])
+        bench.check_fair([row("uniform", "full", base), hidden])
     assert bench.parse_arm("uniform:growth=relora,lr=4") == ("uniform", {"growth": "relora", "lr": 4})
 
 
