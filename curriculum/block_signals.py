@@ -90,7 +90,7 @@ def make_features(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, la
     """(features(idx, with_grads), probe_gradient() or None) over the training blocks `tokens`
     and `mask` ((n, T) on the device) and the probe blocks `probe` (tokens, mask), each read up
     to `prefix_tokens`."""
-    check_layers(model, layers)
+    check_layers(model, layers)  # the stages check earlier (train.check_model); sweeps and benchmarks here
     width = min(prefix_tokens, tokens.shape[1])
     emb = model.get_output_embeddings().weight
     proj = _projections(emb.shape[0], emb.shape[1], k_out, k_in, seed, tokens.device)

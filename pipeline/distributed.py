@@ -7,9 +7,9 @@ Every process (rank) builds the same data, model and sampler from the same run d
 seed, so all ranks draw the same global batch of `train.batch_size` blocks; rank r trains on its
 r-th contiguous share and DDP averages the gradients, each share's loss weighted by its part of
 the batch's target tokens, which makes the average the global batch's gradient. The batch, and
-so the results, do not depend on the number of processes, within the rounding of the reductions. Only rank 0 writes: the run's
-records, checkpoints, metrics, the trained model; it alone evaluates. A resumed training loads
-the one checkpoint on every rank.
+so the results, do not depend on the number of processes, within the rounding of the reductions.
+Only rank 0 writes: the run's records, checkpoints, metrics, the trained model; it alone
+evaluates. A resumed training loads the one checkpoint on every rank.
 
 Outside torchrun (WORLD_SIZE unset) nothing here does anything.
 """

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.micro_batch_rule import divisors, micro_batch_problem
 from pipeline.errors import UserError
+from pipeline.micro_batch_rule import divisors, micro_batch_problem
 
 # Of the memory free when the probe starts, what a piece may use with the optimizer state added:
 # the rest is left to the allocator's fragmentation and to later steps' temporaries.

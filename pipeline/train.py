@@ -27,10 +27,10 @@ from curriculum.samplers import make_sampler
 from pipeline import __version__, distributed, metrics_log, question_set, relora
 from pipeline import nucleate as nucleate_stage
 from pipeline.config import NucleusConfig, section_hash
-from pipeline.micro_batch_rule import micro_batch_problem
 from pipeline.errors import UserError, did_you_mean, reading
 from pipeline.evaluate import QuestionBatch, evaluate, question_accuracy, tokenize_questions
 from pipeline.lm_data import Blocks, make_eval_set, pack_by_topic, passage_texts, tokenize
+from pipeline.micro_batch_rule import micro_batch_problem
 from pipeline.model import (build_scratch_model, check_target_modules, context_length, count_parameters,
                             load_pretrained, model_skeleton, resolve_device, save_base, train_tokenizer)
 from pipeline.trainer import FitSettings, checkpoint_step, fit
@@ -242,6 +242,12 @@ def adapter_dir(ws: Workspace, nb_id: str) -> Path:
     return ws.root / "adapters" / check_nb_id(nb_id)
 
 
+def output_dir(ws: Workspace, nb_id: str, kind: str) -> Path:
+    """Where a training's result lives: the base itself for a full training (the scratch nucleus,
+    or one trained with ReLoRA), else the neighbourhood's adapter."""
+    return ws.root / "model" / "base" if kind == "full" else adapter_dir(ws, nb_id)
+
+
 def _finished(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood) -> TrainResult | None:
     """The stored result when this neighbourhood already finished with the same config."""
     if nb.id == NUCLEUS:
@@ -256,8 +262,7 @@ def _finished(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood) -> TrainResul
     if info.get("config_hash") != section_hash(cfg, stage_sections(cfg, nb.id)):
         return None
     result = info["result"]  # its output where it is now: the run directory may have moved since
-    output = ws.root / "model" / "base" if result.get("kind") == "full" else adapter_dir(ws, nb.id)
-    return TrainResult(**{**result, "skipped": True, "output": str(output)})
+    return TrainResult(**{**result, "skipped": True, "output": str(output_dir(ws, nb.id, result.get("kind")))})
 
 
 # ------------------------------------------------------------------------------ setup
@@ -543,14 +548,12 @@ def _save(cfg: NucleusConfig, ws: Workspace, nb: Neighborhood, model, tokenizer,
     sections = stage_sections(cfg, nb.id)
     record = {"neighborhood": nb.to_json(), "config_hash": section_hash(cfg, sections),
               "version": __version__, "finished": now()}
-    if kind == "full":  # the scratch nucleus, or one trained with ReLoRA: the trained model is the base
-        base_dir = ws.root / "model" / "base"
-        result.output = str(base_dir)
-        save_base(model.cpu(), tokenizer, base_dir)
+    out = output_dir(ws, nb.id, kind)
+    result.output = str(out)
+    if kind == "full":  # the trained model is the base
+        save_base(model.cpu(), tokenizer, out)
         atomic_write_json(ws.root / "model" / "nucleus.json", {**record, "result": result.to_json()})
     else:
-        out = adapter_dir(ws, nb.id)
-        result.output = str(out)
         with atomic_path(out) as tmp:
             model.save_pretrained(str(tmp))  # adapter_config.json + adapter_model.safetensors
             atomic_write_json(tmp / "neighborhood.json", {
