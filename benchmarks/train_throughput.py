@@ -29,10 +29,11 @@ alternately, each on a fresh copy of the model. Five arms:
   nucleus_liger      (only with --arms; needs liger-kernel on the path) nucleus_uniform with
                      liger-kernel's Triton RMSNorm, RoPE and SwiGLU in place of the Llama model's
                      (what inductor fuses itself took about a quarter of a `base` step)
-  nucleus_bf16_residual  (only with --arms; GPU or --bf16-cpu) nucleus_uniform with the embedding's output cast
-                     to bf16: under autocast the residual stream between layers is then bf16
-                     instead of fp32, halving what the norms and additions read and write (the
-                     weights and their gradients stay fp32; the loss curve says what it costs)
+  nucleus_bf16_residual  (only with --arms; GPU or --bf16-cpu) nucleus_uniform with `train.residual_bf16`
+                     (`FitSettings.residual_bf16`): the embeddings enter the model in bf16, so under
+                     autocast the residual stream between layers is bf16 instead of fp32, halving
+                     what the norms and additions read and write (the weights and their gradients
+                     stay fp32; the loss curve says what it costs)
 
 Reports tokens/s per arm, the ratios nucleus/hf, compiled/eager and community/uniform, each
 arm's loss curve (the compiled path must match the eager one), the graphs dynamo compiled in
@@ -191,32 +192,20 @@ def run_liger(model, blocks, args, device, bf16: bool, graph, compiled: bool) ->
         modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP = saved
 
 
-def run_bf16_residual(model, blocks, args, device, bf16: bool, graph, compiled: bool) -> tuple[float, list[float]]:
-    """nucleus_uniform with a bf16 residual stream: a hook casts the embedding's output to bf16,
-    and every later addition of bf16 matmul outputs keeps it there."""
-    if not bf16:
-        raise RuntimeError("nucleus_bf16_residual needs bf16 autocast (a GPU, or --bf16-cpu)")
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, inputs, out: out.to(torch.bfloat16))
-    try:
-        return run_nucleus(model, blocks, args, device, bf16, "uniform", graph, compiled)
-    finally:
-        handle.remove()
-
-
 def run_nucleus(model, blocks, args, device, bf16: bool, sampler: str, graph, compiled: bool,
                 loss: str = "full", seed: int = 0, attention: str = "auto",
-                tuned: bool = False, micro: int | None = None) -> tuple[float, list[float]]:
+                tuned: bool = False, micro: int | None = None, residual_bf16: bool = False) -> tuple[float, list[float]]:
     if tuned:  # inductor's config is read when the graph compiles, inside fit; patched for this arm alone
         import torch._inductor.config as inductor
 
         with inductor.patch(coordinate_descent_tuning=True):
             return run_nucleus(model, blocks, args, device, bf16, sampler, graph, compiled, loss, seed, attention,
-                               micro=micro)
+                               micro=micro, residual_bf16=residual_bf16)
     # logged every `skip` steps, as the Trainer arm logs: the same host synchronisations
     settings = FitSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup,
                            eval_every=10**9, checkpoint_every=10**9, log_every=args.skip,
                            autocast_dtype=torch.bfloat16 if bf16 else None, compile=compiled, loss=loss,
-                           attention=attention, micro_batch_size=micro)
+                           attention=attention, micro_batch_size=micro, residual_bf16=residual_bf16)
     make = lambda: iter(make_sampler(sampler, blocks.topics, args.batch_size, graph, 2, seed))  # noqa: E731
     model.to(device)
     clock = SteadyClock(args.skip, device)
@@ -287,12 +276,15 @@ def main() -> None:
         "nucleus_halves": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c,
                                                 micro=args.batch_size // 2),
         "nucleus_liger": lambda m: run_liger(m, blocks, args, device, bf16, graph, c),
-        "nucleus_bf16_residual": lambda m: run_bf16_residual(m, blocks, args, device, bf16, graph, c),
+        "nucleus_bf16_residual": lambda m: run_nucleus(m, blocks, args, device, bf16, "uniform", graph, c,
+                                                       residual_bf16=True),
     }
     if args.arms:
         unknown = set(args.arms) - set(arms)
         if unknown:
             p.error(f"--arms: unknown {sorted(unknown)}; choose from {list(arms)}")
+        if "nucleus_bf16_residual" in args.arms and not bf16:
+            p.error("--arms nucleus_bf16_residual needs bf16 autocast: a GPU, or --bf16-cpu")
         keep = {"hf_trainer", "nucleus_uniform", "nucleus_eager", *args.arms}
         # the named arms first, in the order given (a run cut short still has them), then the rest
         arms = {k: arms[k] for k in dict.fromkeys([*args.arms, *arms]) if k in keep}

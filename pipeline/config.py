@@ -224,6 +224,8 @@ class TrainConfig(Section):
     """Training loss: `full` (the model's own: logits for every position) or `chunked` (the output layer and cross-entropy a few thousand positions at a time, recomputed in the backward pass: no (tokens x vocab) tensor is kept; Llama-style models)."""
     attention: Literal["auto", "flash", "cudnn"] = "auto"
     """Attention kernel of the training step on a GPU: `auto` (PyTorch's own order; PyTorch 2.11 on an H100 runs cuDNN's fused attention), `flash` (FlashAttention-2 first) or `cudnn` (cuDNN's fused attention first); ignored on CPU."""
+    residual_bf16: bool = False
+    """With bf16 autocast (a GPU): the residual stream between the model's layers in bf16 instead of fp32 (its input embeddings cast to bf16 in the training step), so the memory-bound norms, additions and rotary embedding move half the bytes; weights, gradients and optimizer stay fp32, evaluation is unchanged (benchmarks/RESULTS.md section 3)."""
     eval_batch_size: int = Field(default=16, ge=1)
     """Held-out passages per evaluation batch."""
     tensorboard: bool = False
@@ -731,6 +733,7 @@ def to_yaml(cfg: NucleusConfig) -> str:
 UNHASHED: dict[str, Literal["always", "at_default"]] = {
     "train.micro_batch_size": "always",  # pieces of a batch: the same gradient up to rounding
     "tethers.max_group": "at_default",  # added later: runs made before it keep their hashes
+    "train.residual_bf16": "at_default",
 }
 
 

@@ -514,7 +514,7 @@ def fit_settings(cfg: NucleusConfig, steps: int, lr: float, device: torch.device
         warmup_steps=min(t.warmup_steps, steps // 2), min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_topk=t.grad_topk, replay_fraction=cfg.lora.replay_fraction if replay else 0.0,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, autocast_dtype=autocast_dtype(cfg, device),
-        compile=use_compile(cfg, device, steps), loss=t.loss, attention=t.attention)
+        compile=use_compile(cfg, device, steps), loss=t.loss, attention=t.attention, residual_bf16=t.residual_bf16)
 
 
 COMPILE_MIN_STEPS = 200  # below this the one-off compilation (tens of seconds) does not pay for itself

@@ -65,6 +65,7 @@ class FitSettings:
     relora_warmup: int = 20
     relora_prune: float = 0.99
     relora_warm_start: int = 0  # full-rank steps before the first cycle (the model wrapped with warm_start=True)
+    residual_bf16: bool = False  # with bf16 autocast: the residual stream in bf16 (pipeline/loss.py)
 
 
 @dataclass
@@ -265,7 +266,8 @@ def fit(model: nn.Module, blocks: Blocks, make_sampler: Callable[[], Iterator[np
     padded = bool((block_len < blocks.tokens.shape[1]).any() or
                   (n_replay and (replay_len < replay.tokens.shape[1]).any()))
     # The step's loss as one module (pipeline/loss.py), so that DDP and torch.compile wrap all of it.
-    wrapped = StepLoss(model, s.loss, rows=observe is not None)
+    wrapped = StepLoss(model, s.loss, rows=observe is not None,
+                       residual_bf16=s.residual_bf16 and s.autocast_dtype == torch.bfloat16)
     ddp = distributed.active()
     if ddp:  # several processes (torchrun): DDP averages the gradients of the ranks' shares
         from torch.nn.parallel import DistributedDataParallel

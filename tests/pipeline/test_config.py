@@ -97,11 +97,14 @@ def test_a_field_added_later_leaves_the_hashes_of_older_runs_alone():
 
     cfg = NucleusConfig()
     old = cfg.model_dump(mode="json")
-    del old["train"]["micro_batch_size"]
+    for name in ("micro_batch_size", "residual_bf16"):  # every train field added since, at its default
+        del old["train"][name]
     before = hashlib.sha256(json.dumps({"train": old["train"], "lora": old["lora"]}, sort_keys=True).encode())
     assert section_hash(cfg, ("train", "lora")) == before.hexdigest()[:16]
     assert section_hash(resolve_config(None, None, ["train.micro_batch_size=4"]), ("train",)) == section_hash(cfg, ("train",))
     assert section_hash(resolve_config(None, None, ["train.batch_size=8"]), ("train",)) != section_hash(cfg, ("train",))
+    # set away from its default, a field added later counts: the run computes something else
+    assert section_hash(resolve_config(None, None, ["train.residual_bf16=true"]), ("train",)) != section_hash(cfg, ("train",))
 
 
 def test_every_new_config_field_is_registered_as_unhashed():

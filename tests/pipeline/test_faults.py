@@ -196,6 +196,8 @@ CASES = [
                          ("vector_anchor", "-1"), ("update_blocks", "1"), ("temperature", "0"), ("bandit_lr", "0"),
                          ("bandit_explore", "0"), ("forget_weight", "-1"), ("grow_fraction", "0"),
                          ("grow_fraction", "1.5"), ("grow_order", "farthest"))],
+    Case("residual-bf16-not-a-bool", ["train", *R, "-n", "{other}", "--set", "train.residual_bf16=maybe"],
+         ("`train.residual_bf16`", "'maybe'")),
     # tethers during training
     Case("tethers-during-not-a-bool", ["train", *R, "-n", "{other}", "--set", "tethers.during=maybe"],
          ("`tethers.during`", "'maybe'")),

@@ -388,6 +388,35 @@ def test_chunked_loss_gives_the_full_losses_and_gradients():
     np.testing.assert_allclose(results[0][1].numpy(), row_losses(out.logits, labels), rtol=1e-5)
 
 
+def test_bf16_residual_keeps_the_stream_between_layers_in_bf16():
+    """train.residual_bf16 under bf16 autocast: every decoder layer hands on bf16 (fp32 without
+    it), the loss stays close to the fp32 stream's and the weight gradients stay fp32, for both
+    losses and under peft."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.loss import StepLoss
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 16, (4, 8), generator=g)
+    for kind, wrap in (("full", False), ("chunked", False), ("full", True)):
+        seen, losses = {}, {}
+        for residual_bf16 in (False, True):
+            model = _tiny_lm()
+            if wrap:
+                model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+            layer = model.get_decoder().layers[0] if not wrap else model.get_base_model().get_decoder().layers[0]
+            layer.register_forward_hook(lambda m, i, out, r=residual_bf16: seen.__setitem__(
+                r, (out[0] if isinstance(out, tuple) else out).dtype))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = StepLoss(model, kind, chunk_tokens=5, residual_bf16=residual_bf16)(ids, None, ids)
+            loss.backward()
+            losses[residual_bf16] = float(loss)
+            assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+        assert seen == {False: torch.float32, True: torch.bfloat16}, (kind, wrap)
+        assert losses[True] == pytest.approx(losses[False], abs=2e-2)
+    assert resolve_config(None, None, []).train.residual_bf16 is False
+
+
 def test_validation_passages_are_never_trained_and_feed_the_signals(trained_run):
     data = train.RunData.load(Workspace(trained_run))
     assert data.validation.any() and not (data.validation & data.heldout).any()
