@@ -105,10 +105,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="scratch folder for adapters (default: a temp dir)")
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: WikiText-2 valid, few articles, tiny model")
-    p.add_argument("--tether-thresholds", type=float, nargs="*", default=[],
+    p.add_argument("--tether-thresholds", type=tether_arm, nargs="*", default=[],
                    help="with --shared-rank: also train jointly with tethers during training at each of these "
                         "thresholds (curriculum/plateau_tethers.py), and merge the untethered adapters after "
-                        "training (`adapters merge`, down to half as many)")
+                        "training (`adapters merge`, down to half as many). An arm may set its own "
+                        "compare, max_group or window over the --tether-* flags: 0.9:max_group=2, "
+                        "0:compare=expert (the arms of one process share the base, `never` and the merges after)")
     p.add_argument("--skip-controls", action="store_true",
                    help="train neither the union adapter nor the random split (their numbers are NaN): "
                         "for the tethers comparison, which needs only the routed adapters")
@@ -208,6 +210,28 @@ def train_model(model, blocks: Blocks, steps: int, lr: float, args, seed: int, d
     result = fit(model.to(device), blocks, make_batches, settings, device, on_batch=on_batch, tethers=tethers,
                  desc=desc)
     return result.tokens
+
+
+TETHER_ARM_KEYS = {"compare": str, "max_group": int, "window": int}
+
+
+def tether_arm(spec: str) -> tuple[float, dict]:
+    """'T' or 'T:key=value,...' (keys of TETHER_ARM_KEYS): a during arm's threshold and the
+    --tether-* settings it overrides."""
+    head, _, rest = spec.partition(":")
+    try:
+        threshold = float(head)
+        pairs = [kv.split("=", 1) for kv in rest.split(",")] if rest else []
+        overrides = {k: TETHER_ARM_KEYS[k](v) for k, v in pairs}
+    except (ValueError, KeyError) as e:
+        raise argparse.ArgumentTypeError(f"'{spec}': expected THRESHOLD or THRESHOLD:key=value,... with keys "
+                                         f"{sorted(TETHER_ARM_KEYS)} ({type(e).__name__}: {e})") from None
+    return threshold, overrides
+
+
+def arm_args(args, overrides: dict):
+    """The command line's arguments with one during arm's tether settings in place."""
+    return argparse.Namespace(**{**vars(args), **{f"tether_{k}": v for k, v in overrides.items()}})
 
 
 def train_joint(base_dir: Path, groups: list[Blocks], steps: int, args, seed: int, out: Path,
@@ -412,13 +436,18 @@ def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_bloc
     aset.set_targets(names)
 
     # during: tethers tie experts at plateaus while they train
-    for threshold in args.tether_thresholds:
-        label = f"during@{threshold:g}" if args.tether_scope == "layer" else f"during:adapter@{threshold:g}"
-        if args.tether_scope == "adapter" and args.tether_max_group:
-            label += f",max_group={args.tether_max_group}"
-        out_dir = work / f"seed{seed}" / label
+    for threshold, overrides in args.tether_thresholds:
+        a = arm_args(args, overrides)
+        label = f"during@{threshold:g}" if a.tether_scope == "layer" else f"during:adapter@{threshold:g}"
+        if a.tether_scope == "adapter" and a.tether_max_group:
+            label += f",max_group={a.tether_max_group}"
+        if a.tether_compare != "adapter":
+            label += f",compare={a.tether_compare}"
+        if a.tether_window != 6:
+            label += f",window={a.tether_window}"
+        out_dir = work / f"seed{seed}" / label.replace(":", "-").replace("@", "-").replace(",", "-").replace("=", "")
         t0 = time.perf_counter()
-        tokens, _, summary = train_joint(base_dir, nb_blocks, steps, args, seed, out_dir, tether_threshold=threshold)
+        tokens, _, summary = train_joint(base_dir, nb_blocks, steps, a, seed, out_dir, tether_threshold=threshold)
         if tokens != routed_tokens:
             raise SystemExit(f"{label}: {tokens} training tokens, routed had {routed_tokens}")
         tset = _adapter_set(base_dir, data["tokenizer"], args,
