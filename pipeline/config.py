@@ -733,7 +733,7 @@ def to_yaml(cfg: NucleusConfig) -> str:
 UNHASHED: dict[str, Literal["always", "at_default"]] = {
     "train.micro_batch_size": "always",  # pieces of a batch: the same gradient up to rounding
     "tethers.max_group": "at_default",  # added later: runs made before it keep their hashes
-    "train.residual_bf16": "at_default",
+    "train.residual_bf16": "at_default",  # added later, off by default
 }
 
 

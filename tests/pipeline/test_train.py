@@ -417,6 +417,30 @@ def test_bf16_residual_keeps_the_stream_between_layers_in_bf16():
     assert resolve_config(None, None, []).train.residual_bf16 is False
 
 
+def test_bf16_residual_reaches_the_training_step_only_under_bf16_autocast():
+    """From the config to the step: `fit_settings` passes train.residual_bf16 on, and `fit` uses it
+    under bf16 autocast (a different curve) and ignores it without autocast (the same curve)."""
+    from pipeline.lm_data import Blocks
+    from pipeline.train import fit_settings
+    from pipeline.trainer import FitSettings, fit
+
+    cfg = resolve_config(None, None, ["train.residual_bf16=true"])
+    assert fit_settings(cfg, 10, 1e-3, torch.device("cpu"), replay=False).residual_bf16
+    tokens = torch.randint(0, 16, (16, 8), generator=torch.Generator().manual_seed(1))
+    blocks = Blocks(tokens, torch.ones(16, 8, dtype=torch.bool), np.zeros(16, dtype=np.int64))
+    curves = {}
+    for autocast in (None, torch.bfloat16):
+        for residual in (False, True):
+            rows = []
+            fit(_tiny_lm(), blocks, lambda: iter(UniformSampler(blocks.topics, 4, seed=0)),
+                FitSettings(steps=3, lr=1e-2, batch_size=4, log_every=1, checkpoint_every=100,
+                            autocast_dtype=autocast, residual_bf16=residual), torch.device("cpu"), log=rows.append)
+            curves[autocast, residual] = [r["train/loss"] for r in rows]
+    assert curves[None, True] == curves[None, False]
+    assert curves[torch.bfloat16, True] != curves[torch.bfloat16, False]
+    assert curves[torch.bfloat16, True] == pytest.approx(curves[torch.bfloat16, False], abs=5e-2)
+
+
 def test_validation_passages_are_never_trained_and_feed_the_signals(trained_run):
     data = train.RunData.load(Workspace(trained_run))
     assert data.validation.any() and not (data.validation & data.heldout).any()
