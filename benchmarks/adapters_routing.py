@@ -445,7 +445,7 @@ def tether_arms(args, seed: int, data: dict, work: Path, base_dir: Path, nb_bloc
             label += f",compare={a.tether_compare}"
         if a.tether_window != 6:
             label += f",window={a.tether_window}"
-        out_dir = work / f"seed{seed}" / label.replace(":", "-").replace("@", "-").replace(",", "-").replace("=", "")
+        out_dir = work / f"seed{seed}" / label
         t0 = time.perf_counter()
         tokens, _, summary = train_joint(base_dir, nb_blocks, steps, a, seed, out_dir, tether_threshold=threshold)
         if tokens != routed_tokens:

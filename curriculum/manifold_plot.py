@@ -21,11 +21,11 @@ def manifold_figure(summary: dict, title: str = ""):
         xy, topics = np.asarray(shot["xy"]), np.asarray(shot["topics"])
         ax.scatter(xy[:, 0], xy[:, 1], c=topics, cmap="tab20", s=6, alpha=0.7, linewidths=0)
         centres = np.asarray(shot["centroids_xy"])
-        # the roots of the batches drawn up to this snapshot (at most the last 200), on the
-        # snapshot's cluster centres: where the traversal went in this space
-        roots = path[:shot["step"]][-200:] if name == "end" else path[:summary.get("rebuild_every", 100)][:200]
         if grow:  # every cluster in the order it opened, the star on the first
             roots = np.asarray(summary.get("open_order", []), dtype=int)[::-1]
+        else:  # the roots of the batches drawn up to this snapshot (at most the last 200), on the
+            # snapshot's cluster centres: where the traversal went in this space
+            roots = path[:shot["step"]][-200:] if name == "end" else path[:summary.get("rebuild_every", 100)][:200]
         if len(roots) and len(centres):
             pts = centres[np.clip(roots, 0, len(centres) - 1)]
             ax.plot(pts[:, 0], pts[:, 1], "-", color="k", lw=0.6, alpha=0.5)
